@@ -1,0 +1,109 @@
+"""`Classifier`: a trained model plus its preprocessing, loaded from a run directory.
+
+It reads only model.safetensors and model.json (never a pickle), and applies the stored
+channel count, image size, mean and std itself, so callers pass plain images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple, Sequence, Union
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from .checkpoint import load_weights, read_model_meta
+from .errors import CnnlabError
+from .images import UnreadableImage, read_image, resize, to_channels
+from .models import create_model
+
+ImageLike = Union[str, Path, Image.Image, torch.Tensor]
+
+
+class Prediction(NamedTuple):
+    label: str
+    probability: float
+    index: int
+
+
+class Classifier:
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu"):
+        self.meta = meta
+        self.device = torch.device(device)
+        # channels_last: the faster convolution layout on CPUs and GPUs alike
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.class_names: list[str] = list(meta["class_names"])
+        self.in_channels: int = meta["in_channels"]
+        self.image_size: tuple[int, int] = tuple(meta["image_size"])
+        self._mean = torch.tensor(meta["mean"], device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(meta["std"], device=self.device).view(1, -1, 1, 1)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> "Classifier":
+        """Rebuild the model from a run directory after checking the weights' sha256."""
+        run_dir = Path(run_dir)
+        meta = read_model_meta(run_dir)
+        state = load_weights(run_dir, meta)
+        model = create_model(meta["architecture"], meta["in_channels"], meta["num_classes"], **meta["model_args"])
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise CnnlabError(f"The weights in {run_dir} do not fit {meta['architecture']}: {first}") from None
+        return cls(model, meta, device)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) of any size and channel count -> the normalised float input of the model."""
+        images = resize(to_channels(images, self.in_channels), self.image_size)
+        x = (images.to(self.device).float() / 255 - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for a uint8 batch (N, C, H, W)."""
+        return self.model(self.prepare(images)).float()
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 1) -> list[list[Prediction]]:
+        """Top-k (label, probability) for each image: paths, PIL images, or tensors (C,H,W)/(N,C,H,W)."""
+        batch = self._to_batch(images)
+        probs = torch.softmax(self.logits(batch), dim=1)
+        k = max(1, min(top_k, len(self.class_names)))
+        top = probs.topk(k, dim=1)
+        return [[Prediction(self.class_names[i], float(p), int(i)) for p, i in zip(ps.tolist(), idx.tolist())]
+                for ps, idx in zip(top.values, top.indices)]
+
+    def _to_batch(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return _as_uint8(images)
+        if isinstance(images, (str, Path, Image.Image, torch.Tensor)):
+            images = [images]
+        items = [self._one(image) for image in _iterate(images)]
+        if not items:
+            raise CnnlabError("No images were given to predict.")
+        return torch.stack([resize(to_channels(x, self.in_channels), self.image_size) for x in items])
+
+    def _one(self, image: ImageLike) -> torch.Tensor:
+        if isinstance(image, (str, Path)):
+            if not Path(image).is_file():
+                raise CnnlabError(f"Image file {image} does not exist.")
+            try:
+                return read_image(image)
+            except UnreadableImage as exc:
+                raise CnnlabError(f"{image} is not a readable image ({exc}).") from None
+        if isinstance(image, Image.Image):
+            return TF.pil_to_tensor(image.convert("L" if self.in_channels == 1 else "RGB"))
+        if isinstance(image, torch.Tensor):
+            return _as_uint8(image if image.ndim == 3 else image.unsqueeze(0))
+        raise CnnlabError(f"Cannot classify an object of type {type(image).__name__}; pass a path, PIL image or tensor.")
+
+
+def _iterate(images: Iterable[ImageLike]) -> Iterable[ImageLike]:
+    return list(images)
+
+
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Accept uint8 images as they are and float images on the 0-1 scale."""
+    if x.dtype == torch.uint8:
+        return x
+    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)

@@ -1,0 +1,150 @@
+"""The `cnnlab` command: thin subcommands that parse flags and call the Python API.
+
+A user's mistake (bad flag, unknown name, missing file) is one line on stderr and exit
+status 2; an accuracy below `evaluate --min-accuracy` is exit status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from . import __version__
+from .config import TrainConfig, field_types
+from .errors import CnnlabError
+
+EXIT_USAGE = 2
+EXIT_BELOW_GATE = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage plus a message
+        self.exit(EXIT_USAGE, f"cnnlab: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay absent so the YAML file's values hold."""
+    types_ = field_types()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_args":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = types_[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
+                                metavar=None if f.metadata.get("choices") else f.name.upper(), help=help_text)
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an architecture argument, e.g. --model-arg widths=[48,96,192] (repeatable)")
+    parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file; flags override it")
+
+
+def _model_args(pairs: list[str]) -> dict[str, Any]:
+    args = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CnnlabError(f"--model-arg expects KEY=VALUE, got {pair!r}.")
+        try:
+            args[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CnnlabError(f"--model-arg {key}: cannot read the value {value!r}.") from None
+    return args
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .config import load_yaml, make_config
+    from .trainer import train
+
+    values = {k: v for k, v in vars(ns).items() if k in field_types()}
+    file_values = load_yaml(ns.config) if ns.config else {}
+    model_args = {**file_values.get("model_args", {}), **_model_args(ns.model_arg)}
+    config = make_config(**{**file_values, **values, "model_args": model_args})
+    train(config)
+    return 0
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from .evaluation import evaluate_run
+    from .metrics import format_report
+
+    if ns.min_accuracy is not None and not 0 <= ns.min_accuracy <= 1:
+        raise CnnlabError(f"--min-accuracy is a fraction in [0, 1], got {ns.min_accuracy}.")
+    report = evaluate_run(ns.run_dir, dataset=ns.dataset, split=ns.split, batch_size=ns.batch_size,
+                          device=ns.device, progress=not ns.no_progress)
+    print(f"{report['dataset']} ({report['split']} split)")
+    print(format_report(report, [row["class"] for row in report["per_class"]]))
+    print(f"wrote {ns.run_dir}/eval.json")
+    if ns.min_accuracy is not None and report["accuracy"] < ns.min_accuracy:
+        print(f"FAILED: accuracy {report['accuracy']:.4f} is below the required {ns.min_accuracy:.4f}", file=sys.stderr)
+        return EXIT_BELOW_GATE
+    if ns.min_accuracy is not None:
+        print(f"passed: accuracy {report['accuracy']:.4f} >= {ns.min_accuracy:.4f}")
+    return 0
+
+
+def cmd_datasets(ns: argparse.Namespace) -> int:
+    from .datasets import dataset_status
+
+    for name, description, where in dataset_status():
+        print(f"{name:<14} {description}\n{'':<14} {where}")
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from .models import describe_model, list_models
+
+    for name in list_models():
+        print(f"{name:<16} {describe_model(name)}")
+    print(f"{'tv:NAME':<16} any torchvision classification model, untrained (e.g. tv:resnet18)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cnnlab", description="Train, test and deploy convolutional image classifiers.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model into a run directory")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test a trained model: accuracy, per-class metrics, confusion matrix")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--dataset", help="dataset to test on (default: the one it was trained on)")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--min-accuracy", type=float, metavar="X", help="exit with status 3 if top-1 accuracy is below X")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("datasets", help="list datasets and where each was found")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("models", help="list the registered architectures")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except CnnlabError as exc:
+        print(f"cnnlab: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("cnnlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

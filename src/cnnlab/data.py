@@ -1,0 +1,92 @@
+"""The in-memory data path: seeded batches, whole-batch augmentation, normalisation.
+
+The training split stays one uint8 tensor; a batch is an index into it, converted to
+float, augmented with tensor ops (random translation, horizontal flip) and normalised
+with the mean/std measured on the training split. No per-sample Python work per step.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .datasets import Split
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images, on the 0-1 scale."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float64) / 255
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+class Normalize:
+    """uint8 batch -> normalised float batch on the device, in the chosen memory format."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
+        self.scale = (1 / (255 * torch.tensor(std))).view(1, -1, 1, 1).to(device)
+        self.shift = (torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1).to(device)
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float()
+        return (x * self.scale - self.shift).contiguous(memory_format=self.memory_format)
+
+
+def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to `pad` pixels (a reflect-padded random crop), as one gather."""
+    if pad == 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (n, 1, 1, w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left-right."""
+    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(mask, x.flip(3), x)
+
+
+class BatchLoader:
+    """Seeded shuffled batches of (normalised, augmented images, labels) from an in-memory split."""
+
+    def __init__(self, split: Split, batch_size: int, normalize: Normalize, *, shuffle: bool,
+                 translate: int = 0, flip: bool = False, seed: int = 0, drop_last: bool = False):
+        self.split, self.batch_size, self.normalize = split, batch_size, normalize
+        self.shuffle, self.translate, self.flip = shuffle, translate, flip
+        # Dropping the ragged last batch keeps batch-norm statistics sane; never drop everything.
+        self.drop_last = drop_last and len(split) >= batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.normalize(self.split.images[index])
+            if self.translate:
+                x = random_translate(x, self.translate, self.generator)
+            if self.flip:
+                x = random_flip(x, self.generator)
+            yield x, self.split.labels[index].to(self.normalize.device, non_blocking=True)

@@ -1,0 +1,57 @@
+"""`evaluate_run`: score a run directory's model on a dataset split and write eval.json."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from .checkpoint import write_json
+from .classifier import Classifier
+from .datasets import load_dataset
+from .errors import CnnlabError
+from .metrics import classification_report
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's saved config.yaml as a dict (empty if it is missing or unreadable)."""
+    try:
+        data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def evaluate_run(run_dir: str | Path, *, dataset: str | None = None, split: str = "test", batch_size: int = 1024,
+                 device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Classify a whole split with the run's model; returns the report, also saved as eval.json."""
+    run_dir = Path(run_dir)
+    classifier = Classifier.load(run_dir, device=device)
+    config = run_config(run_dir)
+    name = dataset or classifier.meta.get("dataset") or config.get("dataset")
+    if not name:
+        raise CnnlabError(f"{run_dir} does not record its dataset; pass --dataset.")
+    # The run's own seed and hold-out fraction reproduce its validation split exactly.
+    bundle = load_dataset(name, val_split=float(config.get("val_split", 0.1)), seed=int(config.get("seed", 0)),
+                          image_size=config.get("image_size"), download=bool(config.get("download", True)),
+                          progress=progress)
+    data = {"test": bundle.test, "val": bundle.val}.get(split)
+    if data is None:
+        raise CnnlabError(f"{name} has no {split} split for this run (it was trained with --val-split 0).")
+    if len(bundle.class_names) != len(classifier.class_names):
+        raise CnnlabError(f"{name} has {len(bundle.class_names)} classes but the model was trained on "
+                          f"{len(classifier.class_names)}; pass the dataset it was trained on.")
+
+    chunks = []
+    for start in tqdm(range(0, len(data), batch_size), desc=f"evaluating {split}", unit="batch",
+                      disable=not progress, file=sys.stderr, leave=False):
+        chunks.append(classifier.logits(data.images[start:start + batch_size]).cpu())
+    logits = torch.cat(chunks)
+    report = classification_report(logits, data.labels, classifier.class_names)
+    report = {"dataset": bundle.name, "split": split, **report}
+    write_json(run_dir / "eval.json", report)
+    return report

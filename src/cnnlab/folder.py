@@ -1,0 +1,158 @@
+"""`folder:PATH` datasets: the user's own images, one sub-folder per class.
+
+Images are decoded once into uint8 tensors and cached on disk as safetensors, keyed by the
+folder's file list, sizes and modification times, so later runs skip decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from .datasets import DatasetBundle, Split, cache_dir, stratified_holdout
+from .errors import CnnlabError
+from .images import UnreadableImage, read_image, resize, to_channels
+
+CACHE_VERSION = "1"
+MAX_AUTO_SIZE = 64  # the default image side is the median side, capped here
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _visible(entry: os.DirEntry | Path) -> bool:
+    return not entry.name.startswith(".")
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e))
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames)
+                  if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+    return files
+
+
+def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """Class names and, per split, (file, class index) pairs."""
+    has_splits = (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir())
+    split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()} if has_splits else {"train": root}
+    # Classes are the union over splits, sorted, so an empty or missing folder shifts nothing.
+    classes = sorted({c for d in split_dirs.values() for c in _class_dirs(d)})
+    if not classes:
+        raise CnnlabError(f"{root} has no class sub-folders; put each class's images in a folder named after it.")
+    files = {split: [(f, i) for i, c in enumerate(classes) if (d / c).is_dir() for f in _image_files(d / c)]
+             for split, d in split_dirs.items()}
+    if not files["train"]:
+        raise CnnlabError(f"{split_dirs['train']} holds no image files ({', '.join(IMG_EXTENSIONS[:5])}, ...).")
+    return classes, files
+
+
+def _cache_key(root: Path, files: dict[str, list[tuple[Path, int]]], image_size: int | None) -> str:
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{image_size}".encode())
+    for split in sorted(files):
+        for path, label in files[split]:
+            st = path.stat()
+            digest.update(f"{split}|{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def _decode_all(paths: list[Path], progress: bool) -> list[torch.Tensor | str]:
+    """Decode every file (threads overlap file reads with decoding); an error string for bad ones."""
+    def one(path: Path) -> torch.Tensor | str:
+        try:
+            return read_image(path)
+        except UnreadableImage as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return list(tqdm(pool.map(one, paths, chunksize=64), total=len(paths), desc="decoding images",
+                         unit="img", disable=not progress, file=sys.stderr, leave=False))
+
+
+def _build(root: Path, classes: list[str], files: dict[str, list[tuple[Path, int]]],
+           image_size: int | None, progress: bool) -> tuple[dict[str, Split], list[str]]:
+    flat = [(split, path, label) for split in files for path, label in files[split]]
+    decoded = _decode_all([path for _, path, _ in flat], progress)
+    good = [(s, img, label) for (s, _, label), img in zip(flat, decoded) if isinstance(img, torch.Tensor)]
+    skipped = [f"{path.relative_to(root)}: {img}" for (_, path, _), img in zip(flat, decoded) if isinstance(img, str)]
+    if not good:
+        raise CnnlabError(f"None of the {len(flat)} image files under {root} could be read.")
+    channels = 3 if any(img.shape[0] == 3 for _, img, _ in good) else 1
+    if image_size is None:
+        image_size = min(MAX_AUTO_SIZE, int(statistics.median(max(img.shape[1:]) for _, img, _ in good)))
+    size = (image_size, image_size)
+    splits = {}
+    for split in files:
+        items = [(img, label) for s, img, label in good if s == split]
+        if not items:
+            continue
+        images = torch.stack([resize(to_channels(img, channels), size) for img, _ in items])
+        splits[split] = Split(images.contiguous(), torch.tensor([label for _, label in items], dtype=torch.int64))
+    return splits, skipped
+
+
+def _save_cache(path: Path, splits: dict[str, Split], classes: list[str], skipped: list[str]) -> None:
+    tensors = {}
+    for name, split in splits.items():
+        tensors[f"{name}.images"] = split.images
+        tensors[f"{name}.labels"] = split.labels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"classes": json.dumps(classes), "skipped": json.dumps(skipped)})
+    os.replace(tmp, path)
+
+
+def _load_cache(path: Path) -> tuple[dict[str, Split], list[str], list[str]] | None:
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+        classes, skipped = json.loads(meta["classes"]), json.loads(meta["skipped"])
+    except Exception:  # a damaged cache is rebuilt, never trusted
+        return None
+    splits = {s: Split(tensors[f"{s}.images"], tensors[f"{s}.labels"]) for s in SPLIT_NAMES if f"{s}.images" in tensors}
+    return splits, classes, skipped
+
+
+def load_folder(path: str, *, val_split: float = 0.1, seed: int = 0, image_size: int | None = None,
+                progress: bool = True) -> DatasetBundle:
+    """Load an ImageFolder-style tree; `train/`, `val/`, `test/` sub-folders become splits."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CnnlabError(f"Dataset folder {root} does not exist; pass folder:PATH with a folder of class sub-folders.")
+    root = root.resolve()
+    classes, files = _scan(root)
+    cache = cache_dir() / "folders" / f"{root.name}-{_cache_key(root, files, image_size)}.safetensors"
+    cached = _load_cache(cache) if cache.is_file() else None
+    if cached is not None:
+        splits, classes, skipped = cached
+    else:
+        splits, skipped = _build(root, classes, files, image_size, progress)
+        _save_cache(cache, splits, classes, skipped)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable file(s) under {root}, e.g. {skipped[0]}", file=sys.stderr)
+    train, val, test = splits["train"], splits.get("val"), splits.get("test")
+    if val is None and val_split > 0:
+        keep, held = stratified_holdout(train.labels, val_split, seed)
+        train, val = train.subset(keep), train.subset(held)
+    if test is None:
+        if val is None:
+            raise CnnlabError(f"{root} has no test/ sub-folder, so a hold-out is needed; set --val-split above 0.")
+        test = val  # a flat folder: the hold-out is both the validation and the test split
+    return DatasetBundle(f"folder:{root}", classes, train, test, val, allow_flip=True, skipped=skipped)

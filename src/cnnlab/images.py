@@ -1,0 +1,75 @@
+"""Reading image files into uint8 tensors, shared by folder datasets and prediction.
+
+torchvision's `decode_image` does the work; Pillow is the fallback for formats it does not
+decode (BMP, TIFF, CMYK JPEG, ...). Alpha is composited over white, EXIF rotation applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+
+class UnreadableImage(Exception):
+    """A file that is not an image either decoder can read."""
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode an image file to uint8 (C, H, W) with C in {1, 3}; the first frame of animations."""
+    path = Path(path)
+    try:
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+    except (RuntimeError, ValueError):
+        image = _read_with_pillow(path)
+    if image.ndim == 4:  # animated GIF/WebP: keep the first frame
+        image = image[0]
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = TF.to_dtype(image, torch.uint8, scale=True)
+    return _drop_alpha(image)
+
+
+def _read_with_pillow(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as pil:
+            pil = ImageOps.exif_transpose(pil)
+            if pil.mode in ("RGBA", "LA", "PA") or "transparency" in pil.info:
+                mode = "RGBA"
+            elif pil.mode in ("L", "1", "I", "I;16", "F"):
+                mode = "L"
+            else:
+                mode = "RGB"
+            pil = pil.convert(mode)
+            return TF.pil_to_tensor(pil)
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
+
+
+def _drop_alpha(image: torch.Tensor) -> torch.Tensor:
+    channels = image.shape[0]
+    if channels in (2, 4):  # gray+alpha or RGBA: composite over white
+        colour, alpha = image[:-1].float(), image[-1:].float() / 255
+        image = (colour * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+    return image
+
+
+def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """Convert uint8 (..., C, H, W) between grayscale and RGB."""
+    have = image.shape[-3]
+    if have == channels:
+        return image
+    if channels == 3 and have == 1:
+        return image.expand(*image.shape[:-3], 3, *image.shape[-2:])
+    if channels == 1 and have == 3:
+        return TF.rgb_to_grayscale(image)
+    raise ValueError(f"cannot convert {have} channels to {channels}")
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize uint8 (..., C, H, W) to `size` (H, W) with antialiasing; a no-op when it matches."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return TF.resize(image, list(size), antialias=True)

@@ -1,0 +1,186 @@
+"""`train(config) -> run_dir`: data, model, optimiser and schedule around the epoch loop.
+
+Writes the run directory: config.yaml, metrics.jsonl, checkpoint.pt each epoch, then
+model.safetensors + model.json and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import CHECKPOINT_FILE, save_checkpoint, save_model, write_json
+from .config import TrainConfig, make_config, save_yaml
+from .data import BatchLoader, Normalize, channel_stats
+from .datasets import DatasetBundle, load_dataset, stratified_subset
+from .engine import accuracy, predict_logits, train_one_epoch
+from .errors import CnnlabError
+from .models import count_parameters, create_model
+
+EVAL_BATCH = 1024  # images per forward pass when evaluating: no gradients, so larger is cheaper
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CnnlabError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CnnlabError("--device mps was asked for, but this machine has no Apple GPU; use --device cpu.")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 autocast runs on native hardware (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    dataset = "folder-" + Path(config.dataset[7:]).name if config.dataset.startswith("folder:") else config.dataset
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{_slug(dataset)}-{_slug(config.model)}-{stamp}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # Norm weights and biases are not decayed: shrinking them only fights batch norm.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = config.lr * config.batch_size / 256
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(config.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """Per-step multiplier: linear warm-up from 1/10 of the peak, then linear/cosine decay to 0."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+def _prepare_data(config: TrainConfig) -> DatasetBundle:
+    bundle = load_dataset(config.dataset, val_split=config.val_split, seed=config.seed,
+                          image_size=config.image_size, download=config.download, progress=config.progress)
+    if config.limit_train is not None:
+        bundle.train = bundle.train.subset(stratified_subset(bundle.train.labels, config.limit_train, config.seed))
+    return bundle
+
+
+def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
+    """Train a model; returns the run directory. Keyword arguments are TrainConfig fields."""
+    config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(device))
+
+    # data
+    bundle = _prepare_data(config)
+    mean, std = channel_stats(bundle.train.images)
+    normalize = Normalize(mean, std, device, config.channels_last)
+    flip = {"on": True, "off": False}.get(config.flip, bundle.allow_flip)
+    train_loader = BatchLoader(bundle.train, config.batch_size, normalize, shuffle=True, translate=config.translate,
+                               flip=flip, seed=config.seed, drop_last=True)
+    val_loader = BatchLoader(bundle.val, EVAL_BATCH, normalize, shuffle=False) if bundle.val is not None else None
+
+    # model, optimiser, schedule
+    model = create_model(config.model, bundle.in_channels, len(bundle.class_names), **config.model_args)
+    model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_schedule(optimizer, config, len(train_loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, run_dir / "config.yaml")
+    (run_dir / "metrics.jsonl").write_text("")
+    _log(f"training {config.model} ({count_parameters(model):,} parameters) on {bundle.name}: "
+         f"{len(bundle.train):,} train / {len(bundle.val) if bundle.val else 0:,} val / {len(bundle.test):,} test images, "
+         f"{device.type}{' bf16' if bf16 else ''} -> {run_dir}")
+
+    train_seconds, best_val, images_seen = 0.0, float("nan"), 0
+    for epoch in range(1, config.epochs + 1):
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, bf16=bf16, epoch=epoch,
+                                progress=config.progress)
+        train_seconds += stats.seconds
+        images_seen += stats.images
+        val_acc = accuracy(*predict_logits(model, val_loader, bf16=bf16)) if val_loader else None
+        if val_acc is not None and not val_acc <= best_val:
+            best_val = val_acc
+        record = {"epoch": epoch, "elapsed_seconds": round(train_seconds, 3), "train_loss": stats.loss,
+                  "train_accuracy": stats.accuracy, "val_accuracy": val_acc,
+                  "lr": optimizer.param_groups[0]["lr"], "images_per_second": round(stats.images_per_second, 1)}
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        save_checkpoint(run_dir / CHECKPOINT_FILE, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "data_rng": train_loader.generator.get_state(), "train_seconds": train_seconds})
+        val_text = f", val acc {val_acc:.4f}" if val_acc is not None else ""
+        _log(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, train acc {stats.accuracy:.4f}{val_text}, "
+             f"{stats.images_per_second:.0f} img/s, {train_seconds:.1f}s")
+
+    # weights, with the preprocessing facts they need
+    save_model(model, {
+        "architecture": config.model, "model_args": config.model_args, "num_classes": len(bundle.class_names),
+        "class_names": bundle.class_names, "in_channels": bundle.in_channels, "image_size": list(bundle.image_size),
+        "mean": mean, "std": std, "dataset": bundle.name, "cnnlab_version": __version__,
+    }, run_dir)
+    test_loader = BatchLoader(bundle.test, EVAL_BATCH, normalize, shuffle=False)
+    # fp32 here, as evaluate, predict and exported models run: the figures must agree
+    test_acc = accuracy(*predict_logits(model, test_loader, bf16=False))
+    summary = {"test_accuracy": test_acc, "best_val_accuracy": None if math.isnan(best_val) else best_val,
+               "train_seconds": round(train_seconds, 3), "epochs": config.epochs,
+               "images_per_second": round(images_seen / max(train_seconds, 1e-9), 1),
+               "params": count_parameters(model), "dataset": bundle.name, "model": config.model,
+               "device": device.type, "bf16": bf16, "train_images": len(bundle.train),
+               "finished": datetime.now().isoformat(timespec="seconds")}
+    write_json(run_dir / "summary.json", summary)
+    _log(f"test accuracy {test_acc:.4f} after {train_seconds:.1f}s of training; run directory {run_dir}")
+    return run_dir
