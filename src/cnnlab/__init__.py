@@ -1,13 +1,27 @@
 """cnnlab: train, test and deploy convolutional image classifiers with PyTorch."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .classifier import Classifier, Prediction  # noqa: E402
-from .config import TrainConfig  # noqa: E402
-from .datasets import list_datasets, load_dataset  # noqa: E402
-from .errors import CnnlabError  # noqa: E402
-from .models import create_model, list_models, register_model  # noqa: E402
-from .trainer import train  # noqa: E402
+# Public names and the modules that hold them. Imported on first use, so `cnnlab --help`
+# and `cnnlab models` do not pay for importing torch and torchvision up front.
+_EXPORTS = {
+    "Classifier": "classifier", "Prediction": "classifier", "TrainConfig": "config", "CnnlabError": "errors",
+    "create_model": "models", "list_models": "models", "register_model": "models",
+    "list_datasets": "datasets", "load_dataset": "datasets", "train": "trainer", "evaluate_run": "evaluation",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["Classifier", "Prediction", "TrainConfig", "CnnlabError", "create_model", "list_models",
-           "register_model", "list_datasets", "load_dataset", "train", "__version__"]
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'cnnlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

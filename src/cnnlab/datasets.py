@@ -201,23 +201,34 @@ def _unpickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _cifar_split(batches: list[dict], label_key: str) -> Split:
-    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
+def _cifar_split(folder: Path, names: list[str], label_key: str) -> Split:
+    batches = [_unpickle(folder / name) for name in names]
+    try:
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
+        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CnnlabError(f"The CIFAR batches in {folder} are malformed ({type(exc).__name__}: {exc}); "
+                          "delete them and download again.") from None
+    if len(data) != len(labels):
+        raise CnnlabError(f"The CIFAR batches in {folder} hold {len(data)} images but {len(labels)} labels.")
+    return Split(torch.from_numpy(data.copy()), torch.from_numpy(labels))
+
+
+def _names(meta: dict, key: str) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
 
 
 def _read_cifar10(folder: Path) -> tuple[Split, Split, list[str]]:
-    train = _cifar_split([_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)], "labels")
-    test = _cifar_split([_unpickle(folder / "test_batch")], "labels")
-    classes = [str(n) for n in _unpickle(folder / "batches.meta")["label_names"]]
+    train = _cifar_split(folder, [f"data_batch_{i}" for i in range(1, 6)], "labels")
+    test = _cifar_split(folder, ["test_batch"], "labels")
+    classes = _names(_unpickle(folder / "batches.meta"), "label_names")
     return train, test, classes
 
 
 def _read_cifar100(folder: Path) -> tuple[Split, Split, list[str]]:
-    train = _cifar_split([_unpickle(folder / "train")], "fine_labels")
-    test = _cifar_split([_unpickle(folder / "test")], "fine_labels")
-    classes = [str(n) for n in _unpickle(folder / "meta")["fine_label_names"]]
+    train = _cifar_split(folder, ["train"], "fine_labels")
+    test = _cifar_split(folder, ["test"], "fine_labels")
+    classes = _names(_unpickle(folder / "meta"), "fine_label_names")
     return train, test, classes
 
 

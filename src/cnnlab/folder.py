@@ -60,8 +60,9 @@ def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     return classes, files
 
 
-def _cache_key(root: Path, files: dict[str, list[tuple[Path, int]]], image_size: int | None) -> str:
-    digest = hashlib.sha256(f"{CACHE_VERSION}|{image_size}".encode())
+def _cache_key(root: Path, classes: list[str], files: dict[str, list[tuple[Path, int]]],
+               image_size: int | None) -> str:
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{image_size}|{json.dumps(classes)}".encode())
     for split in sorted(files):
         for path, label in files[split]:
             st = path.stat()
@@ -138,7 +139,7 @@ def load_folder(path: str, *, val_split: float = 0.1, seed: int = 0, image_size:
         raise CnnlabError(f"Dataset folder {root} does not exist; pass folder:PATH with a folder of class sub-folders.")
     root = root.resolve()
     classes, files = _scan(root)
-    cache = cache_dir() / "folders" / f"{root.name}-{_cache_key(root, files, image_size)}.safetensors"
+    cache = cache_dir() / "folders" / f"{root.name}-{_cache_key(root, classes, files, image_size)}.safetensors"
     cached = _load_cache(cache) if cache.is_file() else None
     if cached is not None:
         splits, classes, skipped = cached

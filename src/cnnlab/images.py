@@ -22,7 +22,12 @@ def read_image(path: str | Path) -> torch.Tensor:
     """Decode an image file to uint8 (C, H, W) with C in {1, 3}; the first frame of animations."""
     path = Path(path)
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+        data = read_file(str(path))
+        # UNCHANGED keeps grayscale as one channel but returns a palette PNG's raw indices,
+        # and RGB_ALPHA invents an alpha channel for it: Pillow reads those correctly.
+        if _is_palette_png(data):
+            raise ValueError("palette PNG")
+        image = decode_image(data, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
     except (RuntimeError, ValueError):
         image = _read_with_pillow(path)
     if image.ndim == 4:  # animated GIF/WebP: keep the first frame
@@ -30,6 +35,11 @@ def read_image(path: str | Path) -> torch.Tensor:
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = TF.to_dtype(image, torch.uint8, scale=True)
     return _drop_alpha(image)
+
+
+def _is_palette_png(data: torch.Tensor) -> bool:
+    # PNG signature, then the IHDR chunk: colour type 3 (indexed) sits at byte 25.
+    return len(data) > 25 and bytes(data[1:4].tolist()) == b"PNG" and int(data[25]) == 3
 
 
 def _read_with_pillow(path: Path) -> torch.Tensor:

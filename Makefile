@@ -1,0 +1,49 @@
+# Set-up and the two entry points: `make demo` (train + evaluate) and `make test`.
+# Creates .venv, installs cnnlab with its dependencies, and makes sure Fashion-MNIST is present
+# (Debian's dataset-fashion-mnist package, installed with apt-get when run as root).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+SUDO := $(shell [ "$$(id -u)" = 0 ] && echo yes)
+
+.PHONY: demo test install data clean
+
+demo: install data
+	$(BIN)/cnnlab train --out $(DEMO_RUN)
+	$(BIN)/cnnlab evaluate $(DEMO_RUN) --no-progress
+	@$(BIN)/python -c "import json; s = json.load(open('$(DEMO_RUN)/eval.json')); \
+		print(f\"test accuracy: {s['accuracy']:.4f}  (model and reports in $(DEMO_RUN))\")"
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if ! $(PYTHON) -m venv --help >/dev/null 2>&1 || ! $(PYTHON) -c "import ensurepip" >/dev/null 2>&1; then \
+		if [ -n "$(SUDO)" ]; then apt-get update -qq && apt-get install -y -qq python3-venv python3-pip; \
+		else echo "Python's venv module is missing: install python3-venv (apt-get install python3-venv)"; exit 1; fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+# Fashion-MNIST: use the Debian package's files when present, install the package when root;
+# otherwise cnnlab itself looks in $$CNNLAB_DATA and ~/.cache/cnnlab, then downloads.
+data:
+	@missing=0; for f in $(FMNIST_FILES); do [ -f $(FMNIST_DIR)/$$f ] || missing=1; done; \
+	if [ $$missing = 1 ] && [ -n "$(SUDO)" ]; then \
+		echo "installing Fashion-MNIST (dataset-fashion-mnist)"; \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	elif [ $$missing = 1 ]; then \
+		echo "Fashion-MNIST is not in $(FMNIST_DIR); cnnlab will look in \$$CNNLAB_DATA and ~/.cache/cnnlab, then download it"; \
+	fi
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

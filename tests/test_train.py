@@ -1,0 +1,128 @@
+"""End to end on real Fashion-MNIST: train -> run directory -> evaluate -> Classifier.load -> predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import cnnlab
+from cnnlab.checkpoint import load_checkpoint
+from cnnlab.datasets import DEBIAN_FASHION_MNIST, load_dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.evaluation import evaluate_run
+
+pytestmark = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+                                reason="Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
+
+METRIC_KEYS = {"epoch", "elapsed_seconds", "train_loss", "train_accuracy", "val_accuracy", "lr"}
+SUMMARY_KEYS = {"test_accuracy", "best_val_accuracy", "train_seconds", "epochs", "images_per_second", "params",
+                "dataset", "model"}
+META_KEYS = {"architecture", "model_args", "num_classes", "class_names", "in_channels", "image_size", "mean", "std",
+             "dataset", "cnnlab_version", "weights_sha256"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "fmnist"
+    return cnnlab.train(dataset="fashion-mnist", limit_train=5000, epochs=3, batch_size=128, lr=0.1, seed=1,
+                        out=str(out), progress=False)
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_dataset("fashion-mnist", val_split=0.0)
+
+
+def test_run_directory_contract(run_dir: Path) -> None:
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "model.json", "checkpoint.pt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all(METRIC_KEYS <= set(r) for r in records)
+    assert records[0]["elapsed_seconds"] < records[-1]["elapsed_seconds"]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["epochs"] == 3 and summary["dataset"] == "fashion-mnist" and summary["model"] == "fastnet"
+    meta = json.loads((run_dir / "model.json").read_text())
+    assert META_KEYS <= set(meta)
+    assert meta["num_classes"] == 10 and meta["in_channels"] == 1 and meta["image_size"] == [28, 28]
+    assert meta["class_names"][0] == "T-shirt/top"
+    assert 0.2 < meta["mean"][0] < 0.4 and 0.25 < meta["std"][0] < 0.45  # measured on the training split
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["limit_train"] == 5000 and config["epochs"] == 3 and config["seed"] == 1
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert state["epoch"] == 3 and "optimizer" in state and "data_rng" in state
+
+
+def test_evaluate_far_above_chance_and_matches_summary(run_dir: Path) -> None:
+    report = evaluate_run(run_dir, progress=False)
+    assert report["images"] == 10000
+    assert report["accuracy"] > 0.75  # chance is 0.10
+    assert report["top5_accuracy"] >= report["accuracy"]
+    assert len(report["per_class"]) == 10 and sum(r["support"] for r in report["per_class"]) == 10000
+    matrix = torch.tensor(report["confusion_matrix"])
+    assert matrix.sum() == 10000 and matrix.trace().item() / 10000 == pytest.approx(report["accuracy"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert report["accuracy"] == pytest.approx(summary["test_accuracy"], abs=2e-4)
+    assert json.loads((run_dir / "eval.json").read_text())["accuracy"] == report["accuracy"]
+
+
+def test_evaluate_val_split_is_the_held_out_one(run_dir: Path) -> None:
+    report = evaluate_run(run_dir, split="val", progress=False)
+    assert report["images"] == 6000  # 10% of 60k, the same seeded hold-out as training
+
+
+def test_classifier_predicts_files_pil_and_tensors_alike(run_dir: Path, fmnist, tmp_path: Path) -> None:
+    clf = cnnlab.Classifier.load(run_dir)
+    images, labels = fmnist.test.images[:64], fmnist.test.labels[:64]
+    from_tensor = clf.predict(images, top_k=3)
+    paths = []
+    for i in range(8):
+        path = tmp_path / f"image {i}.png"
+        Image.fromarray(images[i, 0].numpy()).save(path)
+        paths.append(path)
+    from_files = clf.predict([str(p) for p in paths], top_k=3)
+    from_pil = clf.predict([Image.open(p) for p in paths], top_k=3)
+    for a, b, c in zip(from_tensor[:8], from_files, from_pil):
+        assert [p.label for p in a] == [p.label for p in b] == [p.label for p in c]
+        assert a[0].probability == pytest.approx(b[0].probability, abs=1e-5)
+    for preds in from_tensor:
+        assert len(preds) == 3 and preds[0].probability >= preds[1].probability >= preds[2].probability
+        assert sum(p.probability for p in preds) <= 1 + 1e-5
+    correct = sum(p[0].index == int(y) for p, y in zip(from_tensor, labels))
+    assert correct / 64 > 0.7
+    # An RGB photo of another size is converted and resized by the stored preprocessing.
+    rgb = Image.fromarray(images[0, 0].numpy()).convert("RGB").resize((56, 56))
+    assert clf.predict(rgb)[0][0].label == from_tensor[0][0].label
+
+
+def test_tampered_weights_are_refused(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (copy / name).write_bytes((run_dir / name).read_bytes())
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CnnlabError, match="sha256"):
+        cnnlab.Classifier.load(copy)
+
+
+def test_same_seed_same_weights(tmp_path: Path) -> None:
+    kw = dict(dataset="fashion-mnist", limit_train=600, epochs=1, batch_size=100, seed=3, progress=False)
+    a = cnnlab.train(out=str(tmp_path / "a"), **kw)
+    b = cnnlab.train(out=str(tmp_path / "b"), **kw)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("model", ["simple", "lenet5"])
+def test_other_architectures_train(model: str, tmp_path: Path) -> None:
+    run = cnnlab.train(dataset="fashion-mnist", model=model, limit_train=2000, epochs=2, out=str(tmp_path / model),
+                       progress=False, optimizer="adamw", lr=0.004)
+    assert json.loads((run / "summary.json").read_text())["test_accuracy"] > 0.5
