@@ -777,3 +777,14 @@ def test_batch_loader_drop_last():
     assert len(small) == 1 and [len(b) for b in epoch(small)] == [2]
     exact = make_loader(9, 3, shuffle=False, drop_last=True)
     assert [b.tolist() for b in epoch(exact)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def test_failed_download_is_one_clear_error(isolated_env, monkeypatch):
+    """With the files missing and the mirror unreachable, the user gets one sentence, not a traceback."""
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(DatasetNotFound) as info:
+        load_dataset("mnist", download=True, progress=False)
+    message = str(info.value)
+    assert "download failed" in message and "train-images-idx3-ubyte" in message and "MNIST/raw" in message

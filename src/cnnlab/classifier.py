@@ -7,7 +7,7 @@ channel count, image size, mean and std itself, so callers pass plain images.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -78,7 +78,7 @@ class Classifier:
             return _as_uint8(images)
         if isinstance(images, (str, Path, Image.Image, torch.Tensor)):
             images = [images]
-        items = [self._one(image) for image in _iterate(images)]
+        items = [self._one(image) for image in images]
         if not items:
             raise CnnlabError("No images were given to predict.")
         return torch.stack([resize(to_channels(x, self.in_channels), self.image_size) for x in items])
@@ -96,10 +96,6 @@ class Classifier:
         if isinstance(image, torch.Tensor):
             return _as_uint8(image if image.ndim == 3 else image.unsqueeze(0))
         raise CnnlabError(f"Cannot classify an object of type {type(image).__name__}; pass a path, PIL image or tensor.")
-
-
-def _iterate(images: Iterable[ImageLike]) -> Iterable[ImageLike]:
-    return list(images)
 
 
 def _as_uint8(x: torch.Tensor) -> torch.Tensor:

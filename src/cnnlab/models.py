@@ -36,12 +36,22 @@ def describe_model(name: str) -> str:
     return _DESCRIPTIONS[name]
 
 
+def check_model_name(name: str) -> None:
+    """Raise CnnlabError for a name that is neither registered nor a torchvision model."""
+    if name.startswith("tv:"):
+        available = torchvision.models.list_models(module=torchvision.models)
+        if name[3:] not in available:
+            raise CnnlabError(f"torchvision has no classification model {name[3:]!r}; "
+                              f"try one of {', '.join(available[:8])}, ...")
+    elif name not in _MODELS:
+        raise CnnlabError(f"Unknown model {name!r}; choose one of {', '.join(list_models())} or tv:NAME.")
+
+
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build an untrained model by registry name, or `tv:NAME` for a torchvision architecture."""
+    check_model_name(name)
     if name.startswith("tv:"):
         return _torchvision_model(name[3:], in_channels, num_classes, **kwargs)
-    if name not in _MODELS:
-        raise CnnlabError(f"Unknown model {name!r}; choose one of {', '.join(list_models())} or tv:NAME.")
     try:
         return _MODELS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
     except TypeError as exc:
@@ -144,10 +154,6 @@ def resnet18_cifar(in_channels: int, num_classes: int) -> nn.Module:
 
 
 def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        raise CnnlabError(f"torchvision has no classification model {name!r}; "
-                          f"try one of {', '.join(available[:8])}, ...")
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as exc:
@@ -158,12 +164,12 @@ def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: 
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
-    """Swap the first convolution for one that takes `in_channels` (e.g. grayscale) inputs."""
-    for parent in model.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                setattr(parent, child_name, nn.Conv2d(
-                    in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, child.groups, child.bias is not None, child.padding_mode))
-                return
+    """Swap the first convolution (in definition order) for one taking `in_channels` inputs."""
+    for name, conv in model.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, nn.Conv2d(
+                in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode))
+            return
     raise CnnlabError(f"Cannot adapt this torchvision model to {in_channels} input channels.")

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import CHECKPOINT_FILE, save_checkpoint, save_model, write_json
+from .checkpoint import CHECKPOINT_FILE, atomic_write, save_checkpoint, save_model, write_json
 from .config import TrainConfig, make_config, save_yaml
 from .data import BatchLoader, Normalize, channel_stats
 from .datasets import DatasetBundle, load_dataset, stratified_subset
 from .engine import accuracy, predict_logits, train_one_epoch
 from .errors import CnnlabError
-from .models import count_parameters, create_model
+from .models import check_model_name, count_parameters, create_model
 
 EVAL_BATCH = 1024  # images per forward pass when evaluating: no gradients, so larger is cheaper
 
@@ -114,6 +114,7 @@ def _prepare_data(config: TrainConfig) -> DatasetBundle:
 def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
     """Train a model; returns the run directory. Keyword arguments are TrainConfig fields."""
     config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
+    check_model_name(config.model)  # before minutes of data loading, not after
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -138,7 +139,7 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
 
     run_dir = Path(config.out) if config.out else default_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, run_dir / "config.yaml")
+    atomic_write(run_dir / "config.yaml", lambda tmp: save_yaml(config, tmp))
     (run_dir / "metrics.jsonl").write_text("")
     _log(f"training {config.model} ({count_parameters(model):,} parameters) on {bundle.name}: "
          f"{len(bundle.train):,} train / {len(bundle.val) if bundle.val else 0:,} val / {len(bundle.test):,} test images, "
