@@ -11,16 +11,21 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-image
 DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: demo test install data clean
+.PHONY: demo test bench install data clean
 
 demo: install data
-	$(BIN)/cnnlab train --out $(DEMO_RUN)
+	$(BIN)/cnnlab train --recipe fast --out $(DEMO_RUN)
 	$(BIN)/cnnlab evaluate $(DEMO_RUN) --no-progress
 	@$(BIN)/python -c "import json; s = json.load(open('$(DEMO_RUN)/eval.json')); \
 		print(f\"test accuracy: {s['accuracy']:.4f}  (model and reports in $(DEMO_RUN))\")"
 
 test: install data
 	$(BIN)/python -m pytest -q
+
+# Benchmarks (not tests): see BENCHMARKS.md.
+bench: install data
+	$(BIN)/python -m cnnlab.bench recipes --recipes fast,balanced,best --baseline-epochs 6
+	$(BIN)/python -m cnnlab.bench levers
 
 install: $(STAMP)
 

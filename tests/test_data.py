@@ -671,9 +671,14 @@ def test_folder_without_classes_or_images(tmp_path):
         load_dataset(f"folder:{root}", progress=False)
 
 
-def test_flat_folder_needs_a_holdout(numbered_folder):
-    with pytest.raises(CnnlabError, match="val-split"):
-        load_dataset(f"folder:{numbered_folder}", val_split=0, progress=False)
+def test_flat_folder_always_holds_out_a_test_split(numbered_folder):
+    """With --val-split 0 a flat folder still gets a stratified 10% test hold-out, disjoint from train."""
+    bundle = load_dataset(f"folder:{numbered_folder}", val_split=0, progress=False)
+    total = len(bundle.train) + len(bundle.test)
+    assert len(bundle.test) == pytest.approx(total * 0.1, abs=len(bundle.class_names))
+    assert bundle.val is bundle.test
+    train_rows = {bytes(x.numpy()) for x in bundle.train.images.flatten(1)}
+    assert not any(bytes(x.numpy()) in train_rows for x in bundle.test.images.flatten(1))
 
 
 # --------------------------------------------------------------------------- data.py

@@ -30,7 +30,7 @@ META_KEYS = {"architecture", "model_args", "num_classes", "class_names", "in_cha
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "fmnist"
     return cnnlab.train(dataset="fashion-mnist", limit_train=5000, epochs=3, batch_size=128, lr=0.1, seed=1,
-                        out=str(out), progress=False)
+                        val_split=0.1, model_args={}, out=str(out), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,21 @@ def test_other_architectures_train(model: str, tmp_path: Path) -> None:
     run = cnnlab.train(dataset="fashion-mnist", model=model, limit_train=2000, epochs=2, out=str(tmp_path / model),
                        progress=False, optimizer="adamw", lr=0.004)
     assert json.loads((run / "summary.json").read_text())["test_accuracy"] > 0.5
+
+
+def test_ema_tta_and_progressive_resizing(tmp_path: Path) -> None:
+    """The recipe levers together: the saved model is the averaged one, TTA is recorded in
+    model.json and applied by evaluate exactly as by training's own test pass."""
+    run = cnnlab.train(dataset="fashion-mnist", limit_train=1500, epochs=2, batch_size=100, lr=0.1, val_split=0.0,
+                       ema_decay=0.9, tta="flip-translate", low_res=20, low_res_epochs=1, eval_test=True,
+                       out=str(tmp_path / "run"), progress=False)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["tta"] == "flip-translate" and meta["tta_flip"] is True
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_accuracy"] is None for r in records) and records[-1]["test_accuracy"] > 0.3
+    summary = json.loads((run / "summary.json").read_text())
+    assert evaluate_run(run, progress=False)["accuracy"] == pytest.approx(summary["test_accuracy"], abs=2e-4)
+    state = load_checkpoint(run / "checkpoint.pt")
+    averaged = cnnlab.Classifier.load(run).model.state_dict()
+    raw = state["model"]
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())

@@ -14,6 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .checkpoint import load_weights, read_model_meta
+from .engine import tta_logits
 from .errors import CnnlabError
 from .images import UnreadableImage, read_image, resize, to_channels
 from .models import create_model
@@ -61,8 +62,8 @@ class Classifier:
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a uint8 batch (N, C, H, W)."""
-        return self.model(self.prepare(images)).float()
+        """Logits for a uint8 batch (N, C, H, W), with the test-time augmentation model.json asks for."""
+        return tta_logits(self.model, self.prepare(images), self.meta.get("tta", "none"), self.meta.get("tta_flip", True))
 
     def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 1) -> list[list[Prediction]]:
         """Top-k (label, probability) for each image: paths, PIL images, or tensors (C,H,W)/(N,C,H,W)."""

@@ -107,6 +107,17 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(ns: argparse.Namespace) -> int:
+    from .recipes import get_recipe, list_recipes
+
+    for name in list_recipes():
+        recipe = get_recipe(name)
+        print(f"{name:<10} {recipe.purpose}")
+        if recipe.settings:
+            print(f"{'':<10} " + ", ".join(f"{k}={v}" for k, v in recipe.settings.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description="Train, test and deploy convolutional image classifiers.")
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
@@ -131,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered architectures")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("recipes", help="list the training recipes and what each sets")
+    p.set_defaults(func=cmd_recipes)
     return parser
 
 

@@ -27,6 +27,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: 
 
 @dataclass
 class TrainConfig:
+    recipe: str = _opt("fast", "training preset (see `cnnlab recipes`); other settings override it")
     # data
     dataset: str = _opt("fashion-mnist", "dataset name (see `cnnlab datasets`) or folder:PATH")
     val_split: float = _opt(0.1, "fraction of the training split held out for validation (0 = none)")
@@ -35,6 +36,8 @@ class TrainConfig:
     download: bool = _opt(True, "download torchvision datasets that are not on disk")
     # augmentation (whole-batch tensor ops)
     translate: int = _opt(2, "random translation in pixels (reflect-padded random crop); 0 = off")
+    low_res: int | None = _opt(None, "progressive resizing: image side for the first --low-res-epochs epochs")
+    low_res_epochs: int = _opt(0, "epochs trained at --low-res before switching to the full size")
     flip: str = _opt("auto", "random horizontal flips: auto = on unless the dataset is digits", ("auto", "on", "off"))
     # model
     model: str = _opt("fastnet", "architecture (see `cnnlab models`), or tv:NAME for torchvision's")
@@ -50,6 +53,9 @@ class TrainConfig:
     schedule: str = _opt("linear", "decay after warm-up: linear to zero, cosine to zero, or constant",
                          ("linear", "cosine", "constant"))
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss (0 = off)")
+    ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights, per step (0 = off)")
+    tta: str = _opt("none", "test-time augmentation used by evaluate/predict, recorded in model.json",
+                    ("none", "flip", "flip-translate"))
     # machine
     seed: int = _opt(0, "seed for weights, data order, hold-out and augmentation")
     device: str = _opt("auto", "auto picks cuda, then mps, then cpu", ("auto", "cpu", "cuda", "mps"))
@@ -59,6 +65,7 @@ class TrainConfig:
     # output
     out: str | None = _opt(None, "run directory (default: runs/<dataset>-<model>-<timestamp>)")
     progress: bool = _opt(True, "show a progress bar per epoch")
+    eval_test: bool = _opt(False, "also measure test accuracy after every epoch (for benchmarks; not timed)")
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise CnnlabError with one clear sentence."""
@@ -70,6 +77,10 @@ class TrainConfig:
             raise CnnlabError(f"--limit-train must be at least 1, got {self.limit_train}.")
         if self.image_size is not None and not 4 <= self.image_size <= 1024:
             raise CnnlabError(f"--image-size must be between 4 and 1024 pixels, got {self.image_size}.")
+        if self.low_res is not None and self.low_res < 8:
+            raise CnnlabError(f"--low-res must be at least 8 pixels, got {self.low_res}.")
+        if self.low_res_epochs < 0:
+            raise CnnlabError(f"--low-res-epochs must not be negative, got {self.low_res_epochs}.")
         if not 0 <= self.val_split < 1:
             raise CnnlabError(f"--val-split must be in [0, 1), got {self.val_split}.")
         if self.lr <= 0:
@@ -79,6 +90,8 @@ class TrainConfig:
                 raise CnnlabError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}.")
         if not 0 <= self.label_smoothing < 1:
             raise CnnlabError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if not 0 <= self.ema_decay < 1:
+            raise CnnlabError(f"--ema-decay must be in [0, 1), got {self.ema_decay}.")
         if not 0 <= self.momentum < 1:
             raise CnnlabError(f"--momentum must be in [0, 1), got {self.momentum}.")
         if self.threads is not None and self.threads < 1:
@@ -158,13 +171,15 @@ def _key(k: Any) -> str:
 
 
 def make_config(config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the YAML file, then keyword overrides; validated."""
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        values.update(load_yaml(config_file))
-    for k, v in overrides.items():
-        values[_key(k)] = coerce(_key(k), v)
-    return TrainConfig(**values).validate()
+    """Defaults, then the recipe's settings, then the YAML file, then keyword overrides; validated."""
+    from .recipes import get_recipe
+
+    given = load_yaml(config_file) if config_file is not None else {}
+    given.update({_key(k): coerce(_key(k), v) for k, v in overrides.items()})
+    settings = dict(get_recipe(given.get("recipe", TrainConfig.recipe)).settings)
+    if given.get("model", settings.get("model")) != settings.get("model"):
+        settings.pop("model_args", None)  # the recipe's architecture arguments belong to its own model
+    return TrainConfig(**{**settings, **given}).validate()
 
 
 def save_yaml(config: TrainConfig, path: Path) -> None:

@@ -17,7 +17,7 @@ from .datasets import Split
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 (N, C, H, W) images, on the 0-1 scale."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
     total_sq = torch.zeros_like(total)
     for start in range(0, len(images), chunk):
         x = images[start:start + chunk].to(torch.float64) / 255
@@ -26,7 +26,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     count = images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
-    return mean.tolist(), std.tolist()
+    return mean.cpu().tolist(), std.cpu().tolist()
 
 
 class Normalize:
@@ -82,6 +82,7 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.split)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.split.images.device)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.normalize(self.split.images[index])

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -33,7 +34,8 @@ def autocast(device: torch.device, bf16: bool):
 
 def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *,
-                    bf16: bool, epoch: int, progress: bool = True) -> EpochStats:
+                    bf16: bool, epoch: int, ema: torch.optim.swa_utils.AveragedModel | None = None,
+                    ema_every: int = 1, progress: bool = True) -> EpochStats:
     model.train()
     device = loader.normalize.device
     total_loss = torch.zeros((), device=device)
@@ -50,6 +52,8 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None and step % ema_every == 0:
+            ema.update_parameters(model)
         # running totals stay on the device: no synchronisation per step
         total_loss += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
@@ -65,15 +69,36 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
                       time.perf_counter() - start, seen)
 
 
+TTA_MODES = ("none", "flip", "flip-translate")
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none", flip: bool = True) -> torch.Tensor:
+    """Average logits over test-time views: the image, its mirror (when flips are label-safe),
+    and, for flip-translate, the views shifted one pixel up-left and down-right."""
+    views = [x]
+    if tta in ("flip", "flip-translate") and flip:
+        views.append(x.flip(3))
+    if tta == "flip-translate":
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+        views += shifted + ([v.flip(3) for v in shifted] if flip else [])
+    if len(views) == 1:
+        return model(x).float()
+    batch = torch.cat(views).contiguous(memory_format=torch.channels_last)
+    return model(batch).float().view(len(views), len(x), -1).mean(0)
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: BatchLoader, *, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: nn.Module, loader: BatchLoader, *, bf16: bool, tta: str = "none",
+                   flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on the CPU) and labels for every image the loader yields, in order."""
     model.eval()
     device = loader.normalize.device
     all_logits, all_labels = [], []
     for images, labels in loader:
         with autocast(device, bf16):
-            logits = model(images)
+            logits = tta_logits(model, images, tta, flip)
         all_logits.append(logits.float().cpu())
         all_labels.append(labels.cpu())
     return torch.cat(all_logits), torch.cat(all_labels)

@@ -26,6 +26,7 @@ from .images import UnreadableImage, read_image, resize, to_channels
 CACHE_VERSION = "1"
 MAX_AUTO_SIZE = 64  # the default image side is the median side, capped here
 SPLIT_NAMES = ("train", "val", "test")
+FLAT_HOLDOUT = 0.1  # test fraction of a folder without splits when --val-split is 0
 
 
 def _visible(entry: os.DirEntry | Path) -> bool:
@@ -149,11 +150,15 @@ def load_folder(path: str, *, val_split: float = 0.1, seed: int = 0, image_size:
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable file(s) under {root}, e.g. {skipped[0]}", file=sys.stderr)
     train, val, test = splits["train"], splits.get("val"), splits.get("test")
-    if val is None and val_split > 0:
+    if test is None and val is None:
+        # A flat folder: one stratified hold-out is both the validation and the test split;
+        # it is needed even when --val-split is 0, so that there is something to test on.
+        keep, held = stratified_holdout(train.labels, val_split or FLAT_HOLDOUT, seed)
+        train, val = train.subset(keep), train.subset(held)
+        test = val
+    elif val is None and val_split > 0:
         keep, held = stratified_holdout(train.labels, val_split, seed)
         train, val = train.subset(keep), train.subset(held)
     if test is None:
-        if val is None:
-            raise CnnlabError(f"{root} has no test/ sub-folder, so a hold-out is needed; set --val-split above 0.")
-        test = val  # a flat folder: the hold-out is both the validation and the test split
+        test = val  # train/ and val/ but no test/: the validation split is the test split
     return DatasetBundle(f"folder:{root}", classes, train, test, val, allow_flip=True, skipped=skipped)

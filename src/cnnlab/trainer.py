@@ -16,14 +16,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
 from .checkpoint import CHECKPOINT_FILE, atomic_write, save_checkpoint, save_model, write_json
 from .config import TrainConfig, make_config, save_yaml
 from .data import BatchLoader, Normalize, channel_stats
-from .datasets import DatasetBundle, load_dataset, stratified_subset
+from .datasets import DatasetBundle, Split, load_dataset, stratified_subset
 from .engine import accuracy, predict_logits, train_one_epoch
 from .errors import CnnlabError
+from .images import resize
 from .models import check_model_name, count_parameters, create_model
 
 EVAL_BATCH = 1024  # images per forward pass when evaluating: no gradients, so larger is cheaper
@@ -99,6 +101,20 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_p
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _ema_with_warmup(decay: float):
+    """EMA whose decay ramps up as (1 + n) / (10 + n) towards `decay`: without the ramp the
+    random initial weights linger in the average for hundreds of steps."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor | int) -> None:
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        pairs = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], 1 - d)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():  # counters such as num_batches_tracked
+                a.copy_(c)
+    return update
+
+
 def _log(text: str) -> None:
     print(text, flush=True)
 
@@ -123,12 +139,23 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
 
     # data
     bundle = _prepare_data(config)
+    if device.type == "cuda":  # the whole uint8 training set on the GPU: batches never cross the bus
+        bundle.train = Split(bundle.train.images.to(device), bundle.train.labels.to(device))
     mean, std = channel_stats(bundle.train.images)
     normalize = Normalize(mean, std, device, config.channels_last)
     flip = {"on": True, "off": False}.get(config.flip, bundle.allow_flip)
     train_loader = BatchLoader(bundle.train, config.batch_size, normalize, shuffle=True, translate=config.translate,
                                flip=flip, seed=config.seed, drop_last=True)
     val_loader = BatchLoader(bundle.val, EVAL_BATCH, normalize, shuffle=False) if bundle.val is not None else None
+    low_loader = None
+    if config.low_res and config.low_res_epochs and config.low_res < min(bundle.image_size):
+        # Progressive resizing: early epochs on a downscaled copy cost (low/full)^2 of the compute,
+        # and the network (global pooling) takes any size. Same generator: one seeded data order.
+        low = Split(resize(bundle.train.images, (config.low_res, config.low_res)), bundle.train.labels)
+        low_loader = BatchLoader(low, config.batch_size, normalize, shuffle=True, drop_last=True, flip=flip,
+                                 translate=max(1, config.translate * config.low_res // min(bundle.image_size))
+                                 if config.translate else 0)
+        low_loader.generator = train_loader.generator
 
     # model, optimiser, schedule
     model = create_model(config.model, bundle.in_channels, len(bundle.class_names), **config.model_args)
@@ -136,6 +163,11 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
     optimizer = make_optimizer(model, config)
     scheduler = make_schedule(optimizer, config, len(train_loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    ema = None
+    if config.ema_decay > 0:  # averages batch-norm buffers too, so the averaged model is usable as is
+        ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(config.ema_decay), use_buffers=True)
+    final = ema.module if ema is not None else model  # the weights that are evaluated and saved
+    test_loader = BatchLoader(bundle.test, EVAL_BATCH, normalize, shuffle=False)
 
     run_dir = Path(config.out) if config.out else default_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,20 +179,25 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
 
     train_seconds, best_val, images_seen = 0.0, float("nan"), 0
     for epoch in range(1, config.epochs + 1):
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, bf16=bf16, epoch=epoch,
-                                progress=config.progress)
+        loader = low_loader if low_loader is not None and epoch <= config.low_res_epochs else train_loader
+        stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, bf16=bf16, epoch=epoch,
+                                ema=ema, progress=config.progress)
         train_seconds += stats.seconds
         images_seen += stats.images
-        val_acc = accuracy(*predict_logits(model, val_loader, bf16=bf16)) if val_loader else None
+        val_acc = accuracy(*predict_logits(final, val_loader, bf16=bf16)) if val_loader else None
         if val_acc is not None and not val_acc <= best_val:
             best_val = val_acc
         record = {"epoch": epoch, "elapsed_seconds": round(train_seconds, 3), "train_loss": stats.loss,
                   "train_accuracy": stats.accuracy, "val_accuracy": val_acc,
                   "lr": optimizer.param_groups[0]["lr"], "images_per_second": round(stats.images_per_second, 1)}
+        if config.eval_test:
+            record["test_accuracy"] = accuracy(*predict_logits(final, test_loader, bf16=bf16, tta=config.tta,
+                                                               flip=flip))
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         save_checkpoint(run_dir / CHECKPOINT_FILE, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
             "data_rng": train_loader.generator.get_state(), "train_seconds": train_seconds})
         val_text = f", val acc {val_acc:.4f}" if val_acc is not None else ""
@@ -168,14 +205,14 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
              f"{stats.images_per_second:.0f} img/s, {train_seconds:.1f}s")
 
     # weights, with the preprocessing facts they need
-    save_model(model, {
+    save_model(final, {
         "architecture": config.model, "model_args": config.model_args, "num_classes": len(bundle.class_names),
         "class_names": bundle.class_names, "in_channels": bundle.in_channels, "image_size": list(bundle.image_size),
         "mean": mean, "std": std, "dataset": bundle.name, "cnnlab_version": __version__,
+        "tta": config.tta, "tta_flip": flip, "recipe": config.recipe,
     }, run_dir)
-    test_loader = BatchLoader(bundle.test, EVAL_BATCH, normalize, shuffle=False)
     # fp32 here, as evaluate, predict and exported models run: the figures must agree
-    test_acc = accuracy(*predict_logits(model, test_loader, bf16=False))
+    test_acc = accuracy(*predict_logits(final, test_loader, bf16=False, tta=config.tta, flip=flip))
     summary = {"test_accuracy": test_acc, "best_val_accuracy": None if math.isnan(best_val) else best_val,
                "train_seconds": round(train_seconds, 3), "epochs": config.epochs,
                "images_per_second": round(images_seen / max(train_seconds, 1e-9), 1),

@@ -1,0 +1,299 @@
+"""Benchmarks (not tests): time-to-accuracy of the recipes against a conventional baseline,
+and the measured effect of each speed lever. `python -m cnnlab.bench --help`.
+
+Every measurement runs in its own subprocess, so peak RSS is per run and runs do not share
+warm caches. Times are training wall time (evaluation excluded), as in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+THRESHOLDS = (0.90, 0.915, 0.93, 0.94, 0.95)
+
+
+def machine() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        cpu += " with AVX512-BF16" if "avx512_bf16" in info else ""
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} CPU threads{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def _run_child(args: list[str]) -> tuple[float, int, int]:
+    """Run a child process; (wall seconds, exit status, peak RSS in MiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read() if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        print(err[-2000:], file=sys.stderr)
+    return wall, proc.returncode, usage.ru_maxrss // 1024
+
+
+def _time_to(records: list[dict], threshold: float) -> float | None:
+    for r in records:
+        if r.get("test_accuracy") is not None and r["test_accuracy"] >= threshold:
+            return r["elapsed_seconds"]
+    return None
+
+
+def bench_recipe(recipe: str, dataset: str, workdir: Path, extra: list[str]) -> dict[str, Any]:
+    out = workdir / f"recipe-{recipe}"
+    wall, code, rss = _run_child([sys.executable, "-m", "cnnlab", "train", "--recipe", recipe, "--dataset", dataset,
+                                  "--eval-test", "--no-progress", "--out", str(out), *extra])
+    if code != 0:
+        return {"name": recipe, "error": f"exit status {code}"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"name": recipe, "records": records, "final_accuracy": summary["test_accuracy"],
+            "train_seconds": summary["train_seconds"], "images_per_second": summary["images_per_second"],
+            "process_seconds": round(wall, 1), "peak_rss_mib": rss, "epochs": summary["epochs"]}
+
+
+def bench_baseline(dataset: str, workdir: Path, epochs: int) -> dict[str, Any]:
+    out = workdir / "baseline.json"
+    wall, code, rss = _run_child([sys.executable, "-m", "cnnlab.bench", "_baseline", "--dataset", dataset,
+                                  "--epochs", str(epochs), "--json", str(out)])
+    if code != 0:
+        return {"name": "baseline", "error": f"exit status {code}"}
+    result = json.loads(out.read_text())
+    return {**result, "process_seconds": round(wall, 1), "peak_rss_mib": rss}
+
+
+def run_baseline(dataset: str, epochs: int, json_out: Path) -> None:
+    """The conventional way: torchvision dataset object, per-sample transforms, DataLoader, the
+    `simple` model, Adadelta (lr 1.0, x0.7 per epoch), batch 64, fp32, as in PyTorch's MNIST example."""
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from .datasets import get_source, locate_or_download
+    from .models import create_model
+
+    if dataset != "fashion-mnist":
+        raise SystemExit("the conventional baseline is defined on fashion-mnist")
+    torch.manual_seed(0)
+    # torchvision's class wants uncompressed files under FashionMNIST/raw: prepare them (not timed).
+    root = Path(tempfile.mkdtemp(prefix="cnnlab-baseline-"))
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    src = locate_or_download(get_source("fashion-mnist"))
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        plain, packed = src / name, src / f"{name}.gz"
+        (raw / name).write_bytes(plain.read_bytes() if plain.is_file() else gzip.decompress(packed.read_bytes()))
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    train_set = torchvision.datasets.FashionMNIST(str(root), train=True, transform=tf)
+    test_set = torchvision.datasets.FashionMNIST(str(root), train=False, transform=tf)
+    train_loader = DataLoader(train_set, batch_size=64, shuffle=True)
+    test_loader = DataLoader(test_set, batch_size=1000)
+    model = create_model("simple", 1, 10)
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    records, elapsed, seen = [], 0.0, 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        for images, labels in train_loader:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            seen += len(labels)
+        scheduler.step()
+        elapsed += time.perf_counter() - start
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, labels in test_loader:
+                correct += (model(images).argmax(1) == labels).sum().item()
+        records.append({"epoch": epoch, "elapsed_seconds": round(elapsed, 3), "test_accuracy": correct / len(test_set)})
+        print(f"baseline epoch {epoch}: {records[-1]}", file=sys.stderr, flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+    json_out.write_text(json.dumps({"name": "baseline (simple, DataLoader)", "records": records,
+                                    "final_accuracy": records[-1]["test_accuracy"], "train_seconds": round(elapsed, 3),
+                                    "images_per_second": round(seen / elapsed, 1), "epochs": epochs}))
+
+
+def _step_rate(model_name: str, model_args: dict, images, labels, *, batch: int, bf16: bool, channels_last: bool,
+               augment: bool = True, compile_model: bool = False, steps: int = 40) -> tuple[float, float]:
+    """(training images/s over `steps` steps after warm-up, seconds of warm-up incl. any compilation)."""
+    import torch
+
+    from .data import BatchLoader, Normalize, channel_stats
+    from .datasets import Split
+    from .engine import autocast
+    from .models import create_model
+
+    torch.manual_seed(0)
+    mean, std = channel_stats(images)
+    split = Split(images, labels)
+    loader = BatchLoader(split, batch, Normalize(mean, std, torch.device("cpu"), channels_last), shuffle=True,
+                         translate=2 if augment else 0, flip=augment, drop_last=True)
+    model = create_model(model_name, images.shape[1], 10, **model_args)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    step_fn = torch.compile(model) if compile_model else model
+    batches = iter(loader)
+    start = time.perf_counter()
+    for i in range(steps + 5):
+        if i == 5:
+            warm = time.perf_counter() - start
+            start = time.perf_counter()
+        x, y = next(batches)
+        with autocast(torch.device("cpu"), bf16):
+            loss = torch.nn.functional.cross_entropy(step_fn(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch / (time.perf_counter() - start), warm
+
+
+def bench_levers(dataset: str, include_compile: bool) -> str:
+    """Each speed lever switched on its own against the reference setting, side by side."""
+    import torch
+
+    from .datasets import load_dataset
+    from .trainer import bf16_supported
+
+    bundle = load_dataset(dataset, val_split=0.0, progress=False)
+    images, labels = bundle.train.images[:20480], bundle.train.labels[:20480]
+    ref = dict(model_name="fastnet", model_args={}, batch=256, bf16=bf16_supported(torch.device("cpu")),
+               channels_last=True)
+    variants: list[tuple[str, dict]] = [
+        ("reference: fastnet 32-64-128, batch 256, bf16 autocast, channels_last, batch augmentation", {}),
+        ("fp32 instead of bf16", {"bf16": False}),
+        ("contiguous (NCHW) instead of channels_last", {"channels_last": False}),
+        ("fp32 and NCHW (PyTorch defaults)", {"bf16": False, "channels_last": False}),
+        ("no augmentation (cost of the batch augmentation)", {"augment": False}),
+        ("batch 128", {"batch": 128}),
+        ("batch 512", {"batch": 512}),
+        ("widths 24-48-96", {"model_args": {"widths": [24, 48, 96]}}),
+        ("widths 48-96-192", {"model_args": {"widths": [48, 96, 192]}}),
+        ("widths 64-128-256", {"model_args": {"widths": [64, 128, 256]}}),
+        ("simple (tutorial CNN)", {"model_name": "simple"}),
+    ]
+    if include_compile:
+        variants.append(("torch.compile (warm-up column includes compilation)", {"compile_model": True}))
+    threads = torch.get_num_threads()
+    lines = [f"| variant | train img/s | ratio to reference | warm-up s |", "|---|---|---|---|"]
+    base = None
+    for name, change in variants:
+        rate, warm = _step_rate(images=images, labels=labels, **{**ref, **change})
+        base = base or rate
+        lines.append(f"| {name} | {rate:.0f} | {rate / base:.2f} | {warm:.1f} |")
+        print(lines[-1], flush=True)
+    torch.set_num_threads(1)
+    rate, warm = _step_rate(images=images, labels=labels, **ref)
+    torch.set_num_threads(threads)
+    lines.append(f"| 1 thread instead of {threads} | {rate:.0f} | {rate / base:.2f} | {warm:.1f} |")
+    print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def _fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}"
+
+
+def table(results: list[dict], thresholds: tuple[float, ...]) -> str:
+    head = "| run | epochs | " + " | ".join(f"s to {t:.1%}" for t in thresholds) + \
+        " | final acc | train s | img/s | peak RSS MiB |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |")
+            continue
+        times = " | ".join(_fmt(_time_to(r["records"], t)) for t in thresholds)
+        lines.append(f"| {r['name']} | {r['epochs']} | {times} | {r['final_accuracy']:.2%} | {r['train_seconds']:.1f} "
+                     f"| {r['images_per_second']:.0f} | {r['peak_rss_mib']} |")
+    return "\n".join(lines)
+
+
+def ratios(results: list[dict], threshold: float = 0.915) -> list[str]:
+    base = next((r for r in results if r["name"].startswith("baseline") and "error" not in r), None)
+    if base is None:
+        return []
+    base_t = _time_to(base["records"], threshold)
+    out = []
+    for r in results:
+        if r is base or "error" in r:
+            continue
+        t = _time_to(r["records"], threshold)
+        if base_t is None or t is None:
+            out.append(f"{r['name']}: time to {threshold:.1%}: {_fmt(t)} s vs baseline {_fmt(base_t)} s")
+        else:
+            out.append(f"{r['name']}: reaches {threshold:.1%} {base_t / t:.1f}x sooner than the baseline "
+                       f"({t:.1f} s vs {base_t:.1f} s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cnnlab.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("recipes", help="time-to-accuracy of recipes vs the conventional baseline (the default)")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--recipes", default="fast,balanced,best", help="comma-separated recipe names")
+    p.add_argument("--baseline-epochs", type=int, default=5, help="0 skips the baseline")
+    p.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)))
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra `cnnlab train` flags for every recipe")
+    p = sub.add_parser("levers", help="training throughput with each speed lever switched, side by side")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--compile", action="store_true", help="include torch.compile (slow to compile on small CPUs)")
+    p = sub.add_parser("_baseline")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--json", type=Path, required=True)
+    ns = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["recipes"]))
+    if ns.command == "_baseline":
+        run_baseline(ns.dataset, ns.epochs, ns.json)
+        return 0
+    if ns.command is None:
+        ns = parser.parse_args(["recipes", *(argv or [])])
+    if ns.command == "levers":
+        print(f"machine: {machine()}")
+        print(bench_levers(ns.dataset, ns.compile))
+        return 0
+    thresholds = tuple(float(t) for t in ns.thresholds.split(","))
+    extra = [a for a in ns.train_args if a != "--"]
+    print(f"machine: {machine()}")
+    print(f"command: python -m cnnlab.bench {' '.join(argv if argv is not None else sys.argv[1:])}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as tmp:
+        if ns.baseline_epochs > 0:
+            results.append(bench_baseline(ns.dataset, Path(tmp), ns.baseline_epochs))
+            print(table(results[-1:], thresholds).splitlines()[-1], flush=True)
+        for recipe in ns.recipes.split(","):
+            results.append(bench_recipe(recipe.strip(), ns.dataset, Path(tmp), extra))
+            print(table(results[-1:], thresholds).splitlines()[-1], flush=True)
+    print()
+    print(table(results, thresholds))
+    for line in ratios(results):
+        print(line)
+    if ns.json:
+        ns.json.write_text(json.dumps({"machine": machine(), "dataset": ns.dataset, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
