@@ -149,3 +149,23 @@ def test_evaluate_a_folder_that_is_not_a_run(tmp_path: Path, cache: dict) -> Non
     assert_usage_error(cnnlab("evaluate", str(tmp_path), env=cache), "model.json")
     (tmp_path / "model.json").write_text("{not json")
     assert_usage_error(cnnlab("evaluate", str(tmp_path), env=cache), "not valid JSON")
+
+
+def test_recipe_settings_reach_training_through_the_cli(tmp_path: Path, cache: dict) -> None:
+    """`--recipe best` must build the recipe's architecture, not the default widths."""
+    from cnnlab.recipes import get_recipe
+
+    if not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed")
+    run = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text("limit_train: 300\nepochs: 1\n")
+    result = cnnlab("train", "--recipe", "best", "--config", str(config), "--out", str(run), "--no-progress",
+                    env=cache)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["model_args"] == get_recipe("best").settings["model_args"] and meta["recipe"] == "best"
+    result = cnnlab("train", "--recipe", "best", "--config", str(config), "--model-arg", "widths=[8,16]",
+                    "--out", str(tmp_path / "run2"), "--no-progress", env=cache)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run2" / "model.json").read_text())["model_args"] == {"widths": [8, 16]}

@@ -65,8 +65,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     values = {k: v for k, v in vars(ns).items() if k in field_types()}
     file_values = load_yaml(ns.config) if ns.config else {}
-    model_args = {**file_values.get("model_args", {}), **_model_args(ns.model_arg)}
-    config = make_config(**{**file_values, **values, "model_args": model_args})
+    if ns.model_arg:  # only when given: otherwise the file's or the recipe's model_args stand
+        values["model_args"] = {**file_values.get("model_args", {}), **_model_args(ns.model_arg)}
+    config = make_config(**{**file_values, **values})
     train(config)
     return 0
 

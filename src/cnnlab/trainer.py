@@ -127,6 +127,23 @@ def _prepare_data(config: TrainConfig) -> DatasetBundle:
     return bundle
 
 
+def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normalize,
+                   flip: bool) -> tuple[BatchLoader, BatchLoader | None]:
+    """The training batches, and with progressive resizing those of a downscaled copy."""
+    train_loader = BatchLoader(bundle.train, config.batch_size, normalize, shuffle=True, translate=config.translate,
+                               flip=flip, seed=config.seed, drop_last=True)
+    if not (config.low_res and config.low_res_epochs and config.low_res < min(bundle.image_size)):
+        return train_loader, None
+    # Early epochs on a downscaled copy cost (low/full)^2 of the compute, and the networks
+    # (global pooling) take any size. Sharing the generator keeps one seeded data order.
+    low = Split(resize(bundle.train.images, (config.low_res, config.low_res)), bundle.train.labels)
+    translate = max(1, config.translate * config.low_res // min(bundle.image_size)) if config.translate else 0
+    low_loader = BatchLoader(low, config.batch_size, normalize, shuffle=True, translate=translate, flip=flip,
+                             drop_last=True)
+    low_loader.generator = train_loader.generator
+    return train_loader, low_loader
+
+
 def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
     """Train a model; returns the run directory. Keyword arguments are TrainConfig fields."""
     config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
@@ -144,18 +161,9 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
     mean, std = channel_stats(bundle.train.images)
     normalize = Normalize(mean, std, device, config.channels_last)
     flip = {"on": True, "off": False}.get(config.flip, bundle.allow_flip)
-    train_loader = BatchLoader(bundle.train, config.batch_size, normalize, shuffle=True, translate=config.translate,
-                               flip=flip, seed=config.seed, drop_last=True)
+    train_loader, low_loader = _train_loaders(config, bundle, normalize, flip)
     val_loader = BatchLoader(bundle.val, EVAL_BATCH, normalize, shuffle=False) if bundle.val is not None else None
-    low_loader = None
-    if config.low_res and config.low_res_epochs and config.low_res < min(bundle.image_size):
-        # Progressive resizing: early epochs on a downscaled copy cost (low/full)^2 of the compute,
-        # and the network (global pooling) takes any size. Same generator: one seeded data order.
-        low = Split(resize(bundle.train.images, (config.low_res, config.low_res)), bundle.train.labels)
-        low_loader = BatchLoader(low, config.batch_size, normalize, shuffle=True, drop_last=True, flip=flip,
-                                 translate=max(1, config.translate * config.low_res // min(bundle.image_size))
-                                 if config.translate else 0)
-        low_loader.generator = train_loader.generator
+    test_loader = BatchLoader(bundle.test, EVAL_BATCH, normalize, shuffle=False)
 
     # model, optimiser, schedule
     model = create_model(config.model, bundle.in_channels, len(bundle.class_names), **config.model_args)
@@ -167,7 +175,6 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
     if config.ema_decay > 0:  # averages batch-norm buffers too, so the averaged model is usable as is
         ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(config.ema_decay), use_buffers=True)
     final = ema.module if ema is not None else model  # the weights that are evaluated and saved
-    test_loader = BatchLoader(bundle.test, EVAL_BATCH, normalize, shuffle=False)
 
     run_dir = Path(config.out) if config.out else default_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
