@@ -35,7 +35,7 @@ def autocast(device: torch.device, bf16: bool):
 def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *,
                     bf16: bool, epoch: int, ema: torch.optim.swa_utils.AveragedModel | None = None,
-                    ema_every: int = 1, progress: bool = True) -> EpochStats:
+                    progress: bool = True) -> EpochStats:
     model.train()
     device = loader.normalize.device
     total_loss = torch.zeros((), device=device)
@@ -52,7 +52,7 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if ema is not None and step % ema_every == 0:
+        if ema is not None:
             ema.update_parameters(model)
         # running totals stay on the device: no synchronisation per step
         total_loss += loss.detach() * len(labels)
