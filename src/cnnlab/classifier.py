@@ -14,6 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .checkpoint import load_weights, read_model_meta
+from .data import Normalize
 from .engine import tta_logits
 from .errors import CnnlabError
 from .images import UnreadableImage, read_image, resize, to_channels
@@ -37,8 +38,8 @@ class Classifier:
         self.class_names: list[str] = list(meta["class_names"])
         self.in_channels: int = meta["in_channels"]
         self.image_size: tuple[int, int] = tuple(meta["image_size"])
-        self._mean = torch.tensor(meta["mean"], device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(meta["std"], device=self.device).view(1, -1, 1, 1)
+        # the same normalisation object training used, so both see bit-identical inputs
+        self._normalize = Normalize(meta["mean"], meta["std"], self.device, channels_last=True)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> "Classifier":
@@ -57,8 +58,7 @@ class Classifier:
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) of any size and channel count -> the normalised float input of the model."""
         images = resize(to_channels(images, self.in_channels), self.image_size)
-        x = (images.to(self.device).float() / 255 - self._mean) / self._std
-        return x.contiguous(memory_format=torch.channels_last)
+        return self._normalize(images)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
