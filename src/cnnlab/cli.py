@@ -119,6 +119,30 @@ def cmd_recipes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from .predict import predict_paths
+
+    return predict_paths(ns.run_dir, ns.paths, top_k=ns.top_k, fmt=ns.format, batch_size=ns.batch_size,
+                         backend=ns.backend, device=ns.device, progress=not ns.no_progress)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(ns.run_dir, host=ns.host, port=ns.port, max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms,
+          api_key=ns.api_key, top_k=ns.top_k, max_bytes=ns.max_bytes, max_pixels=ns.max_pixels)
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .export import export_model
+
+    result = export_model(ns.run_dir, ns.format, ns.out)
+    print(f"wrote {result.path} ({result.fmt}); checked on {result.images_checked} test images: "
+          f"max |logit difference| {result.max_abs_diff:.2e} <= {result.tolerance:.0e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description="Train, test and deploy convolutional image classifiers.")
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
@@ -137,6 +161,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files, folders (recursive) or globs")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or, with --backend onnx, an exported .onnx file)")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="classes to report per image (default: 1)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default: table)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass (default: 256)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="torch, or onnx: the exported model.onnx through onnxruntime, without PyTorch (default: torch)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="torch backend only (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: JSON API, web page, OpenAPI docs")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=64, metavar="N",
+                   help="most images one forward pass takes from concurrent requests (default: 64)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="M",
+                   help="longest wait for more requests to fill a batch, in milliseconds (default: 5)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require this key in the X-API-Key header (default: $CNNLAB_API_KEY, or none)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes returned per image (default: 5)")
+    p.add_argument("--max-bytes", type=int, default=10_000_000, metavar="BYTES",
+                   help="largest accepted upload per image (default: 10,000,000)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, metavar="PIXELS",
+                   help="largest accepted image area, checked before decoding (default: 40,000,000)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a model to ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: onnx)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="output file (default: RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("datasets", help="list datasets and where each was found")
     p.set_defaults(func=cmd_datasets)

@@ -1,0 +1,183 @@
+"""`cnnlab predict`: classify image files, folders and globs, streaming in batches.
+
+Paths are expanded first (names only), then images are decoded a batch at a time, so memory
+stays flat however large the folder. A file that cannot be read gets its own row with the
+reason and the rest are still classified. The onnx backend never imports torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+
+from tqdm import tqdm
+
+from .errors import CnnlabError
+
+# Extensions picked up when walking folders; files named explicitly are tried whatever they are called.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+EXIT_NOTHING_CLASSIFIED = 1
+
+
+class Result(NamedTuple):
+    path: str
+    predictions: list[tuple[str, float]]  # (label, probability), best first
+    error: str | None = None
+
+
+class Backend(NamedTuple):
+    read: Callable[[Path], Any]  # path -> one decoded image; raises on unreadable files
+    classify: Callable[[list[Any], int], list[list[tuple[str, float]]]]
+    unreadable: tuple[type[BaseException], ...]
+
+
+def expand_paths(specs: Sequence[str]) -> list[Path]:
+    """Files as given, folders walked recursively (image extensions, no hidden files), globs
+    expanded; sorted within each spec, duplicates dropped. A spec matching nothing is an error."""
+    found: dict[Path, None] = {}
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            matches = sorted(_walk(path))
+        elif path.exists():
+            matches = [path]
+        elif glob.has_magic(spec):
+            matches = []
+            for hit in sorted(glob.glob(spec, recursive=True)):
+                matches += sorted(_walk(Path(hit))) if Path(hit).is_dir() else [Path(hit)]
+        else:
+            raise CnnlabError(f"{spec} does not exist; give image files, folders or glob patterns.")
+        if not matches:
+            raise CnnlabError(f"{spec} holds no image files ({', '.join(IMAGE_EXTENSIONS[:5])}, ...).")
+        found.update(dict.fromkeys(matches))
+    return list(found)
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                yield Path(root) / name
+
+
+def make_backend(run_dir: str, backend: str, device: str = "cpu") -> Backend:
+    """The torch Classifier, or the torch-free onnxruntime one, behind the same two calls."""
+    if backend == "onnx":
+        from .onnx_runtime import OnnxClassifier, UnreadableImage, read_image as read_onnx
+
+        model = OnnxClassifier.load(run_dir)
+        return Backend(read_onnx, lambda images, k: _pairs(model.predict(images, top_k=k)), (UnreadableImage,))
+    from .classifier import Classifier
+    from .images import UnreadableImage as TorchUnreadable, read_image
+
+    model = Classifier.load(run_dir, device=device)
+    return Backend(read_image, lambda images, k: _pairs(model.predict(images, top_k=k)), (TorchUnreadable,))
+
+
+def _pairs(batch: list[list[Any]]) -> list[list[tuple[str, float]]]:
+    return [[(p.label, p.probability) for p in row] for row in batch]
+
+
+def classify_files(paths: Iterable[Path], backend: Backend, *, top_k: int = 1,
+                   batch_size: int = 256) -> Iterator[Result]:
+    """Yield one Result per path, in order, decoding at most `batch_size` images at a time."""
+    pending: list[tuple[Path, Any]] = []
+    for path in paths:
+        try:
+            pending.append((path, backend.read(path)))
+        except backend.unreadable as exc:
+            yield from _flush(pending, backend, top_k)
+            pending = []
+            yield Result(str(path), [], f"not a readable image ({exc})")
+            continue
+        except OSError as exc:
+            yield from _flush(pending, backend, top_k)
+            pending = []
+            yield Result(str(path), [], f"cannot read the file ({exc.strerror or exc})")
+            continue
+        if len(pending) == batch_size:
+            yield from _flush(pending, backend, top_k)
+            pending = []
+    yield from _flush(pending, backend, top_k)
+
+
+def _flush(pending: list[tuple[Path, Any]], backend: Backend, top_k: int) -> Iterator[Result]:
+    if not pending:
+        return
+    rows = backend.classify([image for _, image in pending], top_k)
+    for (path, _), row in zip(pending, rows):
+        yield Result(str(path), row)
+
+
+def predict_paths(run_dir: str, specs: Sequence[str], *, top_k: int = 1, fmt: str = "table",
+                  batch_size: int = 256, backend: str = "torch", device: str = "cpu",
+                  progress: bool = True, out=None) -> int:
+    """The CLI command: print one result per file; exit 1 when no file could be classified."""
+    if top_k < 1:
+        raise CnnlabError(f"--top-k must be at least 1, got {top_k}.")
+    if batch_size < 1:
+        raise CnnlabError(f"--batch-size must be at least 1, got {batch_size}.")
+    out = out or sys.stdout
+    paths = expand_paths(specs)
+    model = make_backend(run_dir, backend, device)
+    bar = tqdm(paths, desc="predict", unit="img", disable=not progress, file=sys.stderr, leave=False)
+    results = classify_files(bar, model, top_k=top_k, batch_size=batch_size)
+    classified = _WRITERS[fmt](results, out, top_k)
+    bar.close()
+    failed = len(paths) - classified
+    if failed:
+        print(f"cnnlab: {failed} of {len(paths)} files could not be classified (see their rows)", file=sys.stderr)
+    return 0 if classified else EXIT_NOTHING_CLASSIFIED
+
+
+def _write_table(results: Iterable[Result], out, top_k: int) -> int:
+    classified = 0
+    for r in results:
+        if r.error:
+            cells = f"ERROR: {r.error}"
+        else:
+            classified += 1
+            cells = "  ".join(f"{label} {prob:.3f}" for label, prob in r.predictions)
+        print(f"{r.path}\t{cells}", file=out)
+    return classified
+
+
+def _write_json(results: Iterable[Result], out, top_k: int) -> int:
+    # written item by item: a JSON list that never has to sit in memory whole
+    classified, first = 0, True
+    out.write("[")
+    for r in results:
+        if r.error:
+            item: dict[str, Any] = {"path": r.path, "error": r.error}
+        else:
+            classified += 1
+            item = {"path": r.path, "predictions": [{"label": label, "probability": prob}
+                                                    for label, prob in r.predictions]}
+        out.write(("\n  " if first else ",\n  ") + json.dumps(item))
+        first = False
+    out.write("\n]\n" if not first else "]\n")
+    return classified
+
+
+def _write_csv(results: Iterable[Result], out, top_k: int) -> int:
+    writer = csv.writer(out)
+    writer.writerow(["path", *[f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "probability")],
+                     "error"])
+    classified = 0
+    for r in results:
+        cells: list[Any] = []
+        for label, prob in r.predictions:
+            cells += [label, f"{prob:.6f}"]
+        cells += [""] * (2 * top_k - len(cells))
+        classified += r.error is None
+        writer.writerow([r.path, *cells, r.error or ""])
+    return classified
+
+
+_WRITERS = {"table": _write_table, "json": _write_json, "csv": _write_csv}
