@@ -11,7 +11,7 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-image
 DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: demo test bench install data clean
+.PHONY: demo test bench install data browser clean
 
 demo: install data
 	$(BIN)/cnnlab train --recipe fast --out $(DEMO_RUN)
@@ -19,8 +19,8 @@ demo: install data
 	@$(BIN)/python -c "import json; s = json.load(open('$(DEMO_RUN)/eval.json')); \
 		print(f\"test accuracy: {s['accuracy']:.4f}  (model and reports in $(DEMO_RUN))\")"
 
-test: install data
-	$(BIN)/python -m pytest -q
+test: install data browser
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q
 
 # Benchmarks (not tests): see BENCHMARKS.md.
 bench: install data
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
 # Fashion-MNIST: use the Debian package's files when present, install the package when root;
@@ -48,6 +48,14 @@ data:
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	elif [ $$missing = 1 ]; then \
 		echo "Fashion-MNIST is not in $(FMNIST_DIR); cnnlab will look in \$$CNNLAB_DATA and ~/.cache/cnnlab, then download it"; \
+	fi
+
+# The web-page tests drive Debian's chromium through Playwright (never a downloaded browser);
+# without root and without chromium they skip and say why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ -n "$(SUDO)" ]; then \
+		echo "installing chromium for the browser tests"; \
+		apt-get update -qq && apt-get install -y -qq chromium; \
 	fi
 
 clean:

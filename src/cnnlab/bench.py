@@ -196,7 +196,7 @@ def bench_levers(dataset: str, include_compile: bool) -> str:
     if include_compile:
         variants.append(("torch.compile (warm-up column includes compilation)", {"compile_model": True}))
     threads = torch.get_num_threads()
-    lines = [f"| variant | train img/s | ratio to reference | warm-up s |", "|---|---|---|---|"]
+    lines = ["| variant | train img/s | ratio to reference | warm-up s |", "|---|---|---|---|"]
     base = None
     for name, change in variants:
         rate, warm = _step_rate(images=images, labels=labels, **{**ref, **change})

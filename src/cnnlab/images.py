@@ -6,12 +6,14 @@ decode (BMP, TIFF, CMYK JPEG, ...). Alpha is composited over white, EXIF rotatio
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
 
 class UnreadableImage(Exception):
@@ -20,16 +22,28 @@ class UnreadableImage(Exception):
 
 def read_image(path: str | Path) -> torch.Tensor:
     """Decode an image file to uint8 (C, H, W) with C in {1, 3}; the first frame of animations."""
-    path = Path(path)
     try:
-        data = read_file(str(path))
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read the file: {exc.strerror or exc}") from None
+    return decode_image_bytes(data)
+
+
+def decode_image_bytes(data: bytes, first_frame_only: bool = False) -> torch.Tensor:
+    """Decode an encoded image (file contents or an upload) to uint8 (C, H, W), C in {1, 3}.
+
+    first_frame_only: decode with Pillow, which reads one frame, where torchvision would
+    decode every frame of an animation at once.
+    """
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    try:
         # UNCHANGED keeps grayscale as one channel but returns a palette PNG's raw indices,
         # and RGB_ALPHA invents an alpha channel for it: Pillow reads those correctly.
-        if _is_palette_png(data):
-            raise ValueError("palette PNG")
-        image = decode_image(data, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+        if first_frame_only or _is_palette_png(buffer):
+            raise ValueError("decode with Pillow")
+        image = decode_image(buffer, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
     except (RuntimeError, ValueError):
-        image = _read_with_pillow(path)
+        image = _read_with_pillow(io.BytesIO(data))
     if image.ndim == 4:  # animated GIF/WebP: keep the first frame
         image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNG
@@ -42,9 +56,9 @@ def _is_palette_png(data: torch.Tensor) -> bool:
     return len(data) > 25 and bytes(data[1:4].tolist()) == b"PNG" and int(data[25]) == 3
 
 
-def _read_with_pillow(path: Path) -> torch.Tensor:
+def _read_with_pillow(source: Path | BinaryIO) -> torch.Tensor:
     try:
-        with Image.open(path) as pil:
+        with Image.open(source) as pil:
             pil = ImageOps.exif_transpose(pil)
             if pil.mode in ("RGBA", "LA", "PA") or "transparency" in pil.info:
                 mode = "RGBA"

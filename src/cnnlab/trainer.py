@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any

@@ -1,0 +1,106 @@
+"""Micro-batching: images from concurrent requests share one forward pass.
+
+Requests queue their images; a collector task takes up to `max_batch` of them, waiting at
+most `max_wait_ms` after the first for company, and runs the model in a worker thread so
+the event loop keeps accepting requests (and filling the next batch) meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Item = tuple[torch.Tensor, "asyncio.Future[torch.Tensor]"]
+
+
+@dataclass
+class BatchStats:
+    forward_passes: int = 0
+    images: int = 0
+    largest_batch: int = 0
+
+
+class MicroBatcher:
+    """Run `forward` (uint8 (N, C, H, W) -> (N, ...) outputs) on batches gathered from `submit` calls."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
+                 max_wait_ms: float = 5.0):
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        self.forward = forward
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000  # seconds
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue[Item] | None = None
+        self._collector: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Start collecting; call from the event loop that will call `submit`."""
+        self._queue = asyncio.Queue()
+        # one thread: forward passes run one after another, each using torch's own intra-op threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-model")
+        self._collector = asyncio.create_task(self._collect())
+
+    async def stop(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
+            await asyncio.gather(self._collector, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._queue = self._collector = self._executor = None
+
+    async def submit(self, image: torch.Tensor) -> torch.Tensor:
+        """The model's output for one uint8 (C, H, W) image, once the batch it joined has run.
+
+        All images submitted must have the same shape (the model's input size)."""
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((image, future))
+        return await future
+
+    async def _collect(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            await self._run(batch)
+
+    async def _next_batch(self) -> list[Item]:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            remaining = deadline - loop.time()
+            try:
+                # after the deadline, still take what is already waiting: it queued during the last pass
+                item = self._queue.get_nowait() if remaining <= 0 else \
+                    await asyncio.wait_for(self._queue.get(), remaining)
+            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                break
+            batch.append(item)
+        return batch
+
+    async def _run(self, batch: list[Item]) -> None:
+        batch = [(image, future) for image, future in batch if not future.done()]  # skip cancelled requests
+        if not batch:
+            return
+        images = torch.stack([image for image, _ in batch])
+        try:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self._executor, self.forward, images)
+        except Exception as exc:  # the requests report it; the collector carries on
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.stats.forward_passes += 1
+        self.stats.images += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for (_, future), output in zip(batch, outputs):
+            if not future.done():
+                future.set_result(output)
