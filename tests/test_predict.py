@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,28 +105,105 @@ def test_usage_errors_are_one_line(fmnist_run, image_tree, args: list[str], frag
     assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr
 
 
-def test_streaming_decodes_one_batch_at_a_time(fmnist_run, image_tree) -> None:
-    """Memory stays flat: results come out batch by batch, never more than batch_size images held."""
+def test_streaming_holds_at_most_two_batches(fmnist_run, image_tree) -> None:
+    """Memory stays flat: the next batch decodes while one is classified, never more at once,
+    and results come out before later files are read."""
     root, truth = image_tree
     real = make_backend(str(fmnist_run), "torch")
-    state = {"held": 0, "most_held": 0, "batches": []}
+    lock = threading.Lock()
+    state = {"read": 0, "held": 0, "most_held": 0, "batches": []}
 
     def read(path: Path):
         image = real.read(path)
-        state["held"] += 1
-        state["most_held"] = max(state["most_held"], state["held"])
+        with lock:
+            state["read"] += 1
+            state["held"] += 1
+            state["most_held"] = max(state["most_held"], state["held"])
         return image
 
     def classify(images, k):
-        state["batches"].append(len(images))
-        state["held"] -= len(images)
+        with lock:
+            state["batches"].append(len(images))
+            state["held"] -= len(images)
         return real.classify(images, k)
 
     paths = expand_paths([str(root)])
     results = classify_files(iter(paths), Backend(read, classify, real.unreadable), batch_size=4)
     first = next(results)
-    assert len(state["batches"]) <= 1  # lazy: nothing read beyond the first batch yet
+    assert state["read"] <= 8 < len(paths)  # lazy: only the first two batches decoded so far
     rest = list(results)
-    assert len(rest) + 1 == len(paths)
-    assert state["most_held"] <= 4 and max(state["batches"]) <= 4
-    assert first.path == str(paths[0])
+    assert [first.path, *[r.path for r in rest]] == [str(p) for p in paths]
+    assert state["most_held"] <= 8 and max(state["batches"]) <= 4
+    assert sum(state["batches"]) == len(truth)
+
+
+NO_TORCH_CLI = """
+import importlib.abc, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+from cnnlab.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split(".")[0] in ("torch", "torchvision") for m in sys.modules), "torch was imported"
+sys.exit(code)
+"""
+
+
+def test_onnx_backend_runs_without_torch_and_agrees(fmnist_run, image_tree, tmp_path: Path) -> None:
+    root, truth = image_tree
+    run = tmp_path / "run"
+    shutil.copytree(fmnist_run, run)
+    missing = cnnlab("predict", str(run), str(root), "--backend", "onnx")
+    assert missing.returncode == 2 and "cnnlab export" in missing.stderr
+
+    assert cnnlab("export", str(run), "--format", "onnx").returncode == 0
+    result = subprocess.run([sys.executable, "-c", NO_TORCH_CLI, "predict", str(run), str(root), "--backend", "onnx",
+                             "--format", "json", "--top-k", "2", "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {row["path"]: row for row in json.loads(result.stdout)}
+    assert "error" in rows[str(root / "broken.jpg")]
+    expected = Classifier.load(run).predict(sorted(truth), top_k=2)
+    for path, want in zip(sorted(truth), expected):
+        got = rows[path]["predictions"]
+        assert [p["label"] for p in got] == [p.label for p in want]
+        assert [p["probability"] for p in got] == pytest.approx([p.probability for p in want], abs=1e-4)
+
+
+def test_pil_images_with_alpha_are_composited_like_files(fmnist_run, fmnist_test_images, tmp_path: Path) -> None:
+    """An RGBA image gives the same answer as a PIL image and as a file: alpha over white."""
+    from PIL import Image
+
+    gray = Image.open(fmnist_test_images[0][3]).convert("L")
+    rgba = Image.merge("RGBA", (gray, gray, gray, gray.point(lambda v: 255 if v > 40 else 0)))
+    path = tmp_path / "alpha.png"
+    rgba.save(path)
+    clf = Classifier.load(fmnist_run)
+    from_file, from_pil = clf.predict([path, rgba], top_k=3)
+    assert [p.label for p in from_file] == [p.label for p in from_pil]
+    assert [p.probability for p in from_file] == pytest.approx([p.probability for p in from_pil], abs=1e-6)
+    dropped = clf.predict(rgba.convert("RGB"), top_k=3)[0]  # alpha thrown away: a different, black background
+    assert [p.probability for p in dropped] != pytest.approx([p.probability for p in from_pil], abs=1e-3)
+
+
+def test_precision_and_tta_overrides(fmnist_run, image_tree) -> None:
+    root, truth = image_tree
+    paths = sorted(truth)
+    default = make_backend(str(fmnist_run), "torch").classify([make_backend(str(fmnist_run), "torch").read(p)
+                                                               for p in paths], 1)
+    torch_backend = make_backend(str(fmnist_run), "torch", precision="bf16", tta="none")
+    images = [torch_backend.read(p) for p in paths]
+    fast = torch_backend.classify(images, 1)
+    # bf16 without flip averaging: nearly the same answers, but not the same numbers
+    assert sum(a[0][0] == b[0][0] for a, b in zip(default, fast)) >= len(paths) - 2
+    assert [a[0][1] for a in default] != pytest.approx([b[0][1] for b in fast], abs=1e-4)
+    flip_only = make_backend(str(fmnist_run), "torch", tta="flip").classify(images, 1)
+    assert [a[0][1] for a in default] == pytest.approx([b[0][1] for b in flip_only], abs=1e-6)  # model.json says flip
+
+    result = cnnlab("predict", str(fmnist_run), str(root), "--backend", "onnx", "--precision", "bf16")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ _EXPORTS = {
     "Classifier": "classifier", "Prediction": "classifier", "TrainConfig": "config", "CnnlabError": "errors",
     "create_model": "models", "list_models": "models", "register_model": "models",
     "list_datasets": "datasets", "load_dataset": "datasets", "train": "trainer", "evaluate_run": "evaluation",
+    "export_model": "export", "OnnxClassifier": "onnx_runtime",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -260,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("levers", help="training throughput with each speed lever switched, side by side")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--compile", action="store_true", help="include torch.compile (slow to compile on small CPUs)")
+    p = sub.add_parser("serve", help="cnnlab serve under concurrent single-image requests: requests/s, latency")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--clients", default="1,16,32", help="comma-separated numbers of concurrent clients")
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--serve-arg", action="append", default=[], metavar="FLAG",
+                   help="an extra `cnnlab serve` flag, e.g. --serve-arg=--max-wait-ms=2 (repeatable)")
+    p = sub.add_parser("predict", help="cnnlab predict over a folder of PNGs, torch and onnx backends")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=256)
     p = sub.add_parser("_baseline")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=5)
@@ -270,6 +280,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.command is None:
         ns = parser.parse_args(["recipes", *(argv or [])])
+    if ns.command in ("serve", "predict"):
+        from .bench_deploy import bench_predict, bench_serve
+
+        print(f"machine: {machine()}", flush=True)
+        if ns.command == "serve":
+            bench_serve(ns.run_dir, [int(n) for n in ns.clients.split(",")], ns.seconds, ns.serve_arg)
+        else:
+            bench_predict(ns.run_dir, ns.images, ns.batch_size)
+        return 0
     if ns.command == "levers":
         print(f"machine: {machine()}")
         print(bench_levers(ns.dataset, ns.compile))

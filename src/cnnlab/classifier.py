@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence, Union
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .checkpoint import load_weights, read_model_meta
 from .data import Normalize
-from .engine import tta_logits
+from .engine import autocast, tta_logits
 from .errors import CnnlabError
-from .images import UnreadableImage, read_image, resize, to_channels
+from .images import UnreadableImage, from_pil, read_image, resize, to_channels
 from .models import create_model
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
@@ -30,9 +29,16 @@ class Prediction(NamedTuple):
 
 
 class Classifier:
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu"):
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device | str = "cpu",
+                 precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise CnnlabError(f"precision must be fp32 or bf16, got {precision!r}.")
         self.meta = meta
         self.device = torch.device(device)
+        # fp32 by default, as `cnnlab evaluate` and exported models compute; bf16 is about 1.8x
+        # faster on CPUs with AVX512-BF16 and agrees on all but a handful of images in 10,000
+        self.precision = precision
+        self.tta: str = meta.get("tta", "none")  # test-time augmentation; may be changed after loading
         # channels_last: the faster convolution layout on CPUs and GPUs alike
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.class_names: list[str] = list(meta["class_names"])
@@ -42,7 +48,7 @@ class Classifier:
         self._normalize = Normalize(meta["mean"], meta["std"], self.device, channels_last=True)
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> "Classifier":
+    def load(cls, run_dir: str | Path, device: torch.device | str = "cpu", precision: str = "fp32") -> "Classifier":
         """Rebuild the model from a run directory after checking the weights' sha256."""
         run_dir = Path(run_dir)
         meta = read_model_meta(run_dir)
@@ -53,7 +59,7 @@ class Classifier:
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise CnnlabError(f"The weights in {run_dir} do not fit {meta['architecture']}: {first}") from None
-        return cls(model, meta, device)
+        return cls(model, meta, device, precision)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) of any size and channel count -> the normalised float input of the model."""
@@ -62,8 +68,9 @@ class Classifier:
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a uint8 batch (N, C, H, W), with the test-time augmentation model.json asks for."""
-        return tta_logits(self.model, self.prepare(images), self.meta.get("tta", "none"), self.meta.get("tta_flip", True))
+        """Logits (float32) for a uint8 batch (N, C, H, W), with the test-time augmentation `self.tta`."""
+        with autocast(self.device, self.precision == "bf16"):
+            return tta_logits(self.model, self.prepare(images), self.tta, self.meta.get("tta_flip", True)).float()
 
     def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 1) -> list[list[Prediction]]:
         """Top-k (label, probability) for each image: paths, PIL images, or tensors (C,H,W)/(N,C,H,W)."""
@@ -93,7 +100,7 @@ class Classifier:
             except UnreadableImage as exc:
                 raise CnnlabError(f"{image} is not a readable image ({exc}).") from None
         if isinstance(image, Image.Image):
-            return TF.pil_to_tensor(image.convert("L" if self.in_channels == 1 else "RGB"))
+            return from_pil(image)
         if isinstance(image, torch.Tensor):
             return _as_uint8(image if image.ndim == 3 else image.unsqueeze(0))
         raise CnnlabError(f"Cannot classify an object of type {type(image).__name__}; pass a path, PIL image or tensor.")

@@ -123,14 +123,16 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     from .predict import predict_paths
 
     return predict_paths(ns.run_dir, ns.paths, top_k=ns.top_k, fmt=ns.format, batch_size=ns.batch_size,
-                         backend=ns.backend, device=ns.device, progress=not ns.no_progress)
+                         backend=ns.backend, device=ns.device, precision=ns.precision,
+                         tta=None if ns.tta == "model" else ns.tta, progress=not ns.no_progress)
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     from .serve import serve
 
     serve(ns.run_dir, host=ns.host, port=ns.port, max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms,
-          api_key=ns.api_key, top_k=ns.top_k, max_bytes=ns.max_bytes, max_pixels=ns.max_pixels)
+          api_key=ns.api_key, top_k=ns.top_k, max_bytes=ns.max_bytes, max_pixels=ns.max_pixels,
+          access_log=ns.access_log)
     return 0
 
 
@@ -138,7 +140,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from .export import export_model
 
     result = export_model(ns.run_dir, ns.format, ns.out)
-    print(f"wrote {result.path} ({result.fmt}); checked on {result.images_checked} test images: "
+    print(f"wrote {result.path} ({result.fmt}); checked on {result.images_checked} {result.checked_on}: "
           f"max |logit difference| {result.max_abs_diff:.2e} <= {result.tolerance:.0e}")
     return 0
 
@@ -171,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="torch, or onnx: the exported model.onnx through onnxruntime, without PyTorch (default: torch)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="torch backend only (default: cpu)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="torch backend: bf16 is faster on CPUs with AVX512-BF16 and on GPUs (default: fp32)")
+    p.add_argument("--tta", default="model", choices=("model", "none", "flip", "flip-translate"),
+                   help="test-time augmentation: as model.json records it, or another; none is fastest (default: model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -189,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted upload per image (default: 10,000,000)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, metavar="PIXELS",
                    help="largest accepted image area, checked before decoding (default: 40,000,000)")
+    p.add_argument("--access-log", action="store_true", help="log one line per request")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a model to ONNX or TorchScript, checked against PyTorch")

@@ -59,17 +59,22 @@ def _is_palette_png(data: torch.Tensor) -> bool:
 def _read_with_pillow(source: Path | BinaryIO) -> torch.Tensor:
     try:
         with Image.open(source) as pil:
-            pil = ImageOps.exif_transpose(pil)
-            if pil.mode in ("RGBA", "LA", "PA") or "transparency" in pil.info:
-                mode = "RGBA"
-            elif pil.mode in ("L", "1", "I", "I;16", "F"):
-                mode = "L"
-            else:
-                mode = "RGB"
-            pil = pil.convert(mode)
-            return TF.pil_to_tensor(pil)
+            return _pil_with_alpha(ImageOps.exif_transpose(pil))
     except Exception as exc:  # Pillow raises many types for broken files
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
+
+
+def from_pil(pil: Image.Image) -> torch.Tensor:
+    """A PIL image as uint8 (C, H, W), C in {1, 3}: grayscale kept, alpha composited over white."""
+    return _drop_alpha(_pil_with_alpha(pil))
+
+
+def _pil_with_alpha(pil: Image.Image) -> torch.Tensor:
+    # grayscale stays one channel (as torchvision decodes it); alpha is kept for compositing
+    gray = pil.mode in ("L", "LA", "La", "1", "I", "I;16", "F")
+    alpha = pil.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in pil.info
+    mode = ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
+    return TF.pil_to_tensor(pil.convert(mode))
 
 
 def _drop_alpha(image: torch.Tensor) -> torch.Tensor:

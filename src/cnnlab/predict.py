@@ -12,6 +12,9 @@ import glob
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -66,58 +69,61 @@ def _walk(folder: Path) -> Iterator[Path]:
                 yield Path(root) / name
 
 
-def make_backend(run_dir: str, backend: str, device: str = "cpu") -> Backend:
-    """The torch Classifier, or the torch-free onnxruntime one, behind the same two calls."""
+def make_backend(run_dir: str, backend: str, device: str = "cpu", precision: str = "fp32",
+                 tta: str | None = None) -> Backend:
+    """The torch Classifier, or the torch-free onnxruntime one, behind the same two calls.
+    tta: override the test-time augmentation model.json records (None keeps it)."""
     if backend == "onnx":
         from .onnx_runtime import OnnxClassifier, UnreadableImage, read_image as read_onnx
 
+        if precision != "fp32":
+            raise CnnlabError("--precision bf16 is for the torch backend; the onnx backend computes in fp32.")
         model = OnnxClassifier.load(run_dir)
-        return Backend(read_onnx, lambda images, k: _pairs(model.predict(images, top_k=k)), (UnreadableImage,))
-    from .classifier import Classifier
-    from .images import UnreadableImage as TorchUnreadable, read_image
+        read, unreadable = read_onnx, (UnreadableImage,)
+    else:
+        from .classifier import Classifier
+        from .images import UnreadableImage as TorchUnreadable, read_image
 
-    model = Classifier.load(run_dir, device=device)
-    return Backend(read_image, lambda images, k: _pairs(model.predict(images, top_k=k)), (TorchUnreadable,))
+        model = Classifier.load(run_dir, device=device, precision=precision)
+        read, unreadable = read_image, (TorchUnreadable,)
+    model.tta = tta or model.tta
+    return Backend(read, lambda images, k: _pairs(model.predict(images, top_k=k)), unreadable)
 
 
 def _pairs(batch: list[list[Any]]) -> list[list[tuple[str, float]]]:
     return [[(p.label, p.probability) for p in row] for row in batch]
 
 
-def classify_files(paths: Iterable[Path], backend: Backend, *, top_k: int = 1,
-                   batch_size: int = 256) -> Iterator[Result]:
-    """Yield one Result per path, in order, decoding at most `batch_size` images at a time."""
-    pending: list[tuple[Path, Any]] = []
-    for path in paths:
-        try:
-            pending.append((path, backend.read(path)))
-        except backend.unreadable as exc:
-            yield from _flush(pending, backend, top_k)
-            pending = []
-            yield Result(str(path), [], f"not a readable image ({exc})")
-            continue
-        except OSError as exc:
-            yield from _flush(pending, backend, top_k)
-            pending = []
-            yield Result(str(path), [], f"cannot read the file ({exc.strerror or exc})")
-            continue
-        if len(pending) == batch_size:
-            yield from _flush(pending, backend, top_k)
-            pending = []
-    yield from _flush(pending, backend, top_k)
+def classify_files(paths: Iterable[Path], backend: Backend, *, top_k: int = 1, batch_size: int = 256,
+                   workers: int = 2) -> Iterator[Result]:
+    """Yield one Result per path, in order. `workers` threads decode the next batch while the
+    model classifies the current one, so at most two batches of images are held at once."""
+    source = iter(paths)
+    chunks = iter(lambda: list(islice(source, batch_size)), [])  # lists of paths until exhausted
+    read = partial(_read_one, backend)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnlab-decode") as pool:
+        upcoming = pool.map(read, next(chunks, []))
+        while decoded := list(upcoming):
+            upcoming = pool.map(read, next(chunks, []))  # submitted now: decodes while this batch runs
+            ok = [image for _, image, _ in decoded if image is not None]
+            rows = iter(backend.classify(ok, top_k) if ok else [])
+            for path, image, error in decoded:
+                yield Result(str(path), [], error) if image is None else Result(str(path), next(rows))
 
 
-def _flush(pending: list[tuple[Path, Any]], backend: Backend, top_k: int) -> Iterator[Result]:
-    if not pending:
-        return
-    rows = backend.classify([image for _, image in pending], top_k)
-    for (path, _), row in zip(pending, rows):
-        yield Result(str(path), row)
+def _read_one(backend: Backend, path: Path) -> tuple[Path, Any, str | None]:
+    """(path, decoded image or None, the reason it could not be read)."""
+    try:
+        return path, backend.read(path), None
+    except backend.unreadable as exc:
+        return path, None, f"not a readable image ({exc})"
+    except OSError as exc:
+        return path, None, f"cannot read the file ({exc.strerror or exc})"
 
 
 def predict_paths(run_dir: str, specs: Sequence[str], *, top_k: int = 1, fmt: str = "table",
-                  batch_size: int = 256, backend: str = "torch", device: str = "cpu",
-                  progress: bool = True, out=None) -> int:
+                  batch_size: int = 256, backend: str = "torch", device: str = "cpu", precision: str = "fp32",
+                  tta: str | None = None, progress: bool = True, out=None) -> int:
     """The CLI command: print one result per file; exit 1 when no file could be classified."""
     if top_k < 1:
         raise CnnlabError(f"--top-k must be at least 1, got {top_k}.")
@@ -125,7 +131,7 @@ def predict_paths(run_dir: str, specs: Sequence[str], *, top_k: int = 1, fmt: st
         raise CnnlabError(f"--batch-size must be at least 1, got {batch_size}.")
     out = out or sys.stdout
     paths = expand_paths(specs)
-    model = make_backend(run_dir, backend, device)
+    model = make_backend(run_dir, backend, device, precision, tta)
     bar = tqdm(paths, desc="predict", unit="img", disable=not progress, file=sys.stderr, leave=False)
     results = classify_files(bar, model, top_k=top_k, batch_size=batch_size)
     classified = _WRITERS[fmt](results, out, top_k)

@@ -338,8 +338,10 @@ def _read_page() -> str:
         raise CnnlabError(f"The web page {page} is missing from the cnnlab installation.") from None
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """Serve the model in `run_dir` at http://host:port/ until interrupted; options as for `create_app`."""
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
+          **options: Any) -> None:
+    """Serve the model in `run_dir` at http://host:port/ until interrupted; options as for `create_app`.
+    access_log: one log line per request (off by default: at hundreds of requests/s it costs CPU)."""
     app = create_app(run_dir, **options)
     sock = _listen(host, port)
     address, bound_port = sock.getsockname()[:2]
@@ -349,7 +351,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **opti
           f"(API docs at {url}docs{'; API key required' if app.state.api_key else ''})", flush=True)
     if not ipaddress.ip_address(address).is_loopback and not app.state.api_key:
         print(f"cnnlab: warning: {host} is reachable from other machines and no API key is set", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=access_log)).run(sockets=[sock])
 
 
 def _listen(host: str, port: int) -> socket.socket:
