@@ -59,16 +59,21 @@ def _model_args(pairs: list[str]) -> dict[str, Any]:
     return args
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
+def _config_from_flags(ns: argparse.Namespace) -> TrainConfig:
+    """recipe < YAML file < flags, for train and lr-find."""
     from .config import load_yaml, make_config
-    from .trainer import train
 
     values = {k: v for k, v in vars(ns).items() if k in field_types()}
     file_values = load_yaml(ns.config) if ns.config else {}
     if ns.model_arg:  # only when given: otherwise the file's or the recipe's model_args stand
         values["model_args"] = {**file_values.get("model_args", {}), **_model_args(ns.model_arg)}
-    config = make_config(**{**file_values, **values})
-    train(config)
+    return make_config(**{**file_values, **values})
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .trainer import train
+
+    train(_config_from_flags(ns))
     return 0
 
 
@@ -93,6 +98,13 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
 def cmd_datasets(ns: argparse.Namespace) -> int:
     from .datasets import dataset_status
+
+    if ns.action == "show":
+        from .showdata import show_dataset
+
+        path = show_dataset(ns.name, ns.out, per_class=ns.per_class, split=ns.split)
+        print(f"wrote {path}")
+        return 0
 
     for name, description, where in dataset_status():
         print(f"{name:<14} {description}\n{'':<14} {where}")
@@ -142,6 +154,31 @@ def cmd_export(ns: argparse.Namespace) -> int:
     result = export_model(ns.run_dir, ns.format, ns.out)
     print(f"wrote {result.path} ({result.fmt}); checked on {result.images_checked} {result.checked_on}: "
           f"max |logit difference| {result.max_abs_diff:.2e} <= {result.tolerance:.0e}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from .report import build_report
+
+    path = build_report(ns.run_dir, dataset=ns.dataset, progress=not ns.no_progress)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_explain(ns: argparse.Namespace) -> int:
+    from .gradcam import explain_files
+
+    for path in explain_files(ns.run_dir, ns.images, ns.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_lr_find(ns: argparse.Namespace) -> int:
+    from .lrfind import lr_find
+
+    result = lr_find(_config_from_flags(ns), min_lr=ns.min_lr, max_lr=ns.max_lr, steps=ns.steps)
+    print(f"suggested learning rate: {result.suggestion:.3g} per 256 images ({result.rule})")
+    print(f"wrote {result.plot}")
     return 0
 
 
@@ -205,8 +242,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (default: RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("datasets", help="list datasets and where each was found")
-    p.set_defaults(func=cmd_datasets)
+    p = sub.add_parser("datasets", help="list datasets and where each was found; `datasets show NAME` draws samples")
+    p.set_defaults(func=cmd_datasets, action=None)
+    actions = p.add_subparsers(dest="action", parser_class=_Parser)
+    q = actions.add_parser("show", help="save a grid of sample images with their class names")
+    q.add_argument("name", metavar="NAME", help="dataset name or folder:PATH")
+    q.add_argument("--out", default=None, metavar="FILE.png", help="output image (default: NAME-samples.png)")
+    q.add_argument("--per-class", type=int, default=8, metavar="N", help="images per class (default: 8)")
+    q.add_argument("--split", choices=("train", "test"), default="train", help="(default: train)")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, confusion, calibration, top losses, Grad-CAM")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--dataset", help="dataset to test on (default: the one it was trained on)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explain", help="Grad-CAM heat maps over images: what the model looks at")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/explain)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: plot loss against learning rate, suggest one")
+    _add_config_flags(p)
+    p.add_argument("--min-lr", type=float, default=1e-4, help="(default: 1e-4)")
+    p.add_argument("--max-lr", type=float, default=10.0, help="(default: 10)")
+    p.add_argument("--steps", type=int, default=100, help="training steps in the sweep (default: 100)")
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("models", help="list the registered architectures")
     p.set_defaults(func=cmd_models)

@@ -66,6 +66,7 @@ class TrainConfig:
     out: str | None = _opt(None, "run directory (default: runs/<dataset>-<model>-<timestamp>)")
     progress: bool = _opt(True, "show a progress bar per epoch")
     eval_test: bool = _opt(False, "also measure test accuracy after every epoch (for benchmarks; not timed)")
+    tensorboard: bool = _opt(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)")
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise CnnlabError with one clear sentence."""
