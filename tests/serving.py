@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+
+from cnnlab.bench_deploy import server_url
 
 START_TIMEOUT = 120  # seconds: importing torch and loading the model on a busy machine
 
@@ -28,7 +29,7 @@ def running_server(run_dir: Path, *args: str, env: dict[str, str] | None = None)
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--port", "0", *args],
                                 stdout=log, stderr=subprocess.STDOUT, env=environ)
         try:
-            url = _wait_for_url(proc, Path(log.name))
+            url = server_url(proc, Path(log.name), START_TIMEOUT)
             _wait_healthy(url)
             yield url
         finally:
@@ -38,18 +39,6 @@ def running_server(run_dir: Path, *args: str, env: dict[str, str] | None = None)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def _wait_for_url(proc: subprocess.Popen, log: Path) -> str:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        found = re.search(r"serving .* at (http://127\.0\.0\.1:\d+)/", log.read_text())
-        if found:
-            return found.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"cnnlab serve exited with status {proc.returncode}:\n{log.read_text()}")
-        time.sleep(0.2)
-    raise RuntimeError(f"cnnlab serve did not start within {START_TIMEOUT} s:\n{log.read_text()}")
 
 
 def _wait_healthy(url: str) -> None:

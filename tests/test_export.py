@@ -27,6 +27,7 @@ from cnnlab.errors import CnnlabError, DatasetNotFound
 from cnnlab.images import read_image as torch_read_image
 from cnnlab.models import create_model
 from cnnlab.onnx_runtime import OnnxClassifier, UnreadableImage, read_image, to_channels
+from notorch import BLOCK_TORCH
 
 TOLERANCE = 1e-4
 
@@ -206,16 +207,8 @@ def test_export_works_for_registered_architectures(architecture: str, fmnist_run
 
 # ---------------------------------------------------------------- the torch-free runtime
 
-TORCH_FREE_SCRIPT = textwrap.dedent("""
-    import importlib.abc, json, sys
-
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, NoTorch())
+TORCH_FREE_SCRIPT = BLOCK_TORCH + textwrap.dedent("""
+    import json
     from cnnlab.onnx_runtime import OnnxClassifier
 
     classifier = OnnxClassifier.load(sys.argv[1])

@@ -17,6 +17,7 @@ import pytest
 
 from cnnlab import Classifier
 from cnnlab.predict import Backend, classify_files, expand_paths, make_backend
+from notorch import BLOCK_TORCH
 
 
 def cnnlab(*args: str) -> subprocess.CompletedProcess:
@@ -137,16 +138,7 @@ def test_streaming_holds_at_most_two_batches(fmnist_run, image_tree) -> None:
     assert sum(state["batches"]) == len(truth)
 
 
-NO_TORCH_CLI = """
-import importlib.abc, sys
-
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision"):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, NoTorch())
+NO_TORCH_CLI = BLOCK_TORCH + """
 from cnnlab.cli import main
 code = main(sys.argv[1:])
 assert not any(m.split(".")[0] in ("torch", "torchvision") for m in sys.modules), "torch was imported"

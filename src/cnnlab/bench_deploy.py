@@ -111,7 +111,7 @@ def bench_serve(run_dir: Path, clients: list[int], seconds: float, serve_args: l
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--port", "0", *serve_args],
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
-            url = _server_url(proc, Path(log.name))
+            url = server_url(proc, Path(log.name))
             load_clients(url, pngs, 4, 2.0)  # warm-up
             results = []
             for n in clients:
@@ -125,16 +125,17 @@ def bench_serve(run_dir: Path, clients: list[int], seconds: float, serve_args: l
             proc.wait(timeout=30)
 
 
-def _server_url(proc: subprocess.Popen, log: Path) -> str:
-    deadline = time.monotonic() + START_TIMEOUT
+def server_url(proc: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT) -> str:
+    """The base URL from a starting `cnnlab serve`'s own "serving ... at http://..." line in its log."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = re.search(r"serving .* at (http://[\d.]+:\d+)/", log.read_text())
         if found:
             return found.group(1)
         if proc.poll() is not None:
-            raise RuntimeError(f"cnnlab serve exited:\n{log.read_text()}")
+            raise RuntimeError(f"cnnlab serve exited with status {proc.returncode}:\n{log.read_text()}")
         time.sleep(0.2)
-    raise RuntimeError("cnnlab serve did not start")
+    raise RuntimeError(f"cnnlab serve did not start within {timeout} s:\n{log.read_text()}")
 
 
 def _get_json(url: str, path: str) -> dict[str, Any]:
