@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,36 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+@dataclass
+class ScoredSplit:
+    """A split classified by a run's model: what eval.json summarises, kept for further analysis."""
+    dataset: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor
+    logits: torch.Tensor  # float32 (N, classes), with the model's test-time augmentation
+    report: dict[str, Any]  # the contents of eval.json
+
+    @cached_property
+    def probabilities(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=1)
+
+    @cached_property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+
 def evaluate_run(run_dir: str | Path, *, dataset: str | None = None, split: str = "test", batch_size: int = 1024,
                  device: str = "cpu", progress: bool = True) -> dict[str, Any]:
     """Classify a whole split with the run's model; returns the report, also saved as eval.json."""
     run_dir = Path(run_dir)
     classifier = Classifier.load(run_dir, device=device)
+    return score_split(run_dir, classifier, dataset=dataset, split=split, batch_size=batch_size,
+                       progress=progress).report
+
+
+def score_split(run_dir: Path, classifier: Classifier, *, dataset: str | None = None, split: str = "test",
+                batch_size: int = 1024, progress: bool = True) -> ScoredSplit:
+    """Classify a split of the run's dataset (or another with the same classes), write eval.json."""
     config = run_config(run_dir)
     name = dataset or classifier.meta.get("dataset") or config.get("dataset")
     if not name:
@@ -51,7 +78,7 @@ def evaluate_run(run_dir: str | Path, *, dataset: str | None = None, split: str 
                       disable=not progress, file=sys.stderr, leave=False):
         chunks.append(classifier.logits(data.images[start:start + batch_size]).cpu())
     logits = torch.cat(chunks)
-    report = classification_report(logits, data.labels, classifier.class_names)
-    report = {"dataset": bundle.name, "split": split, **report}
+    report = {"dataset": bundle.name, "split": split,
+              **classification_report(logits, data.labels, classifier.class_names)}
     write_json(run_dir / "eval.json", report)
-    return report
+    return ScoredSplit(bundle.name, data.images, data.labels, logits, report)
