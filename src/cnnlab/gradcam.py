@@ -101,6 +101,8 @@ def gradcam_with_logits(model: nn.Module, x: torch.Tensor,
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             # Gradients flow from the input, so frozen parameters need no change of requires_grad.
             logits = model(x.requires_grad_(True)).float()
+            if not captured:
+                raise CnnlabError("The Grad-CAM layer is not part of the model's forward pass.")
             activation = captured[-1]  # a module called twice: its last output is the one used
             chosen = _targets(target, logits)
             score = logits.gather(1, chosen[:, None]).sum()
@@ -175,6 +177,8 @@ def explain_files(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str
 
 
 def _read(path: Path) -> torch.Tensor:
+    if path.is_dir():
+        raise CnnlabError(f"{path} is a folder; pass image files.")
     if not path.is_file():
         raise CnnlabError(f"Image file {path} does not exist.")
     try:

@@ -26,6 +26,7 @@ from .engine import accuracy, predict_logits, train_one_epoch
 from .errors import CnnlabError
 from .images import resize
 from .models import check_model_name, count_parameters, create_model
+from .tblog import TensorBoardLog, require_tensorboard
 
 EVAL_BATCH = 1024  # images per forward pass when evaluating: no gradients, so larger is cheaper
 
@@ -147,6 +148,8 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
     """Train a model; returns the run directory. Keyword arguments are TrainConfig fields."""
     config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
     check_model_name(config.model)  # before minutes of data loading, not after
+    if config.tensorboard:
+        require_tensorboard()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -179,6 +182,7 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda tmp: save_yaml(config, tmp))
     (run_dir / "metrics.jsonl").write_text("")
+    tensorboard = TensorBoardLog(run_dir / "tensorboard") if config.tensorboard else None
     _log(f"training {config.model} ({count_parameters(model):,} parameters) on {bundle.name}: "
          f"{len(bundle.train):,} train / {len(bundle.val) if bundle.val else 0:,} val / {len(bundle.test):,} test images, "
          f"{device.type}{' bf16' if bf16 else ''} -> {run_dir}")
@@ -201,6 +205,8 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
                                                                flip=flip))
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if tensorboard is not None:
+            tensorboard.log_epoch(record)
         save_checkpoint(run_dir / CHECKPOINT_FILE, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
@@ -209,6 +215,9 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
         val_text = f", val acc {val_acc:.4f}" if val_acc is not None else ""
         _log(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, train acc {stats.accuracy:.4f}{val_text}, "
              f"{stats.images_per_second:.0f} img/s, {train_seconds:.1f}s")
+
+    if tensorboard is not None:
+        tensorboard.close()
 
     # weights, with the preprocessing facts they need
     save_model(final, {
