@@ -57,7 +57,7 @@ def test_run_directory_contract(run_dir: Path) -> None:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["limit_train"] == 5000 and config["epochs"] == 3 and config["seed"] == 1
     state = load_checkpoint(run_dir / "checkpoint.pt")
-    assert state["epoch"] == 3 and "optimizer" in state and "data_rng" in state
+    assert state["epochs_done"] == 3 and state["step"] == 0 and "optimizer" in state and "loader" in state
 
 
 def test_evaluate_far_above_chance_and_matches_summary(run_dir: Path) -> None:

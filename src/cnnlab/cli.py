@@ -73,6 +73,13 @@ def _config_from_flags(ns: argparse.Namespace) -> TrainConfig:
 def cmd_train(ns: argparse.Namespace) -> int:
     from .trainer import train
 
+    if ns.resume:
+        given = sorted(k for k in vars(ns) if k in field_types() and k not in ("progress", "threads"))
+        if given or ns.config or ns.model_arg:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--config/--model-arg"
+            raise CnnlabError(f"--resume continues a run with its own config.yaml; drop {flags}.")
+        train(resume=ns.resume, **{k: getattr(ns, k) for k in ("progress", "threads") if hasattr(ns, k)})
+        return 0
     train(_config_from_flags(ns))
     return 0
 
@@ -189,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model into a run directory")
     _add_config_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test a trained model: accuracy, per-class metrics, confusion matrix")

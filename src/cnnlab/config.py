@@ -66,6 +66,7 @@ class TrainConfig:
     out: str | None = _opt(None, "run directory (default: runs/<dataset>-<model>-<timestamp>)")
     progress: bool = _opt(True, "show a progress bar per epoch")
     eval_test: bool = _opt(False, "also measure test accuracy after every epoch (for benchmarks; not timed)")
+    checkpoint_every_steps: int = _opt(0, "also save the training state every N batches, mid-epoch (0 = once per epoch)")
     tensorboard: bool = _opt(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)")
 
     def validate(self) -> "TrainConfig":
@@ -80,6 +81,8 @@ class TrainConfig:
             raise CnnlabError(f"--image-size must be between 4 and 1024 pixels, got {self.image_size}.")
         if self.low_res is not None and self.low_res < 8:
             raise CnnlabError(f"--low-res must be at least 8 pixels, got {self.low_res}.")
+        if self.checkpoint_every_steps < 0:
+            raise CnnlabError(f"--checkpoint-every-steps must not be negative, got {self.checkpoint_every_steps}.")
         if self.low_res_epochs < 0:
             raise CnnlabError(f"--low-res-epochs must not be negative, got {self.low_res_epochs}.")
         if not 0 <= self.val_split < 1:
@@ -112,6 +115,11 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def field_choices(name: str) -> tuple[str, ...] | None:
+    """The values a config field accepts, where it is a choice."""
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata.get("choices")
 
 
 def field_types() -> dict[str, type]:

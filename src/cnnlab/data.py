@@ -74,16 +74,34 @@ class BatchLoader:
         # Dropping the ragged last batch keeps batch-norm statistics sane; never drop everything.
         self.drop_last = drop_last and len(split) >= batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_state = self.generator.get_state()  # the state this epoch's order was drawn from
+        self._resume: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def __len__(self) -> int:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What resuming at the current batch needs: the epoch's order and the random state now."""
+        return {"epoch_state": self.epoch_state, "state": self.generator.get_state()}
+
+    def resume_at(self, state: dict[str, torch.Tensor], batch: int) -> None:
+        """Make the next pass continue an interrupted epoch at `batch`, exactly as it would have gone on."""
+        self._resume = (state["epoch_state"], state["state"], batch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start = 0
+        if self._resume is not None:
+            epoch_state, now_state, start = self._resume
+            self.generator.set_state(epoch_state if start else now_state)
+            self._resume = None
         n = len(self.split)
+        self.epoch_state = self.generator.get_state()
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.split.images.device)
-        for i in range(len(self)):
+        if start:
+            self.generator.set_state(now_state)  # the augmentation draws continue where they stopped
+        for i in range(start, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.normalize(self.split.images[index])
             if self.translate:

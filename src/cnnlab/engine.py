@@ -6,6 +6,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import BatchLoader
+from .errors import CnnlabError
 
 
 @dataclass
@@ -27,6 +29,28 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+@dataclass
+class Totals:
+    """Running sums of an epoch in progress: saved in mid-epoch checkpoints, so a resumed epoch
+    reports the same loss and accuracy as an uninterrupted one."""
+    loss: torch.Tensor  # summed over images, on the training device
+    correct: torch.Tensor
+    seen: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def zero(cls, device: torch.device) -> "Totals":
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64))
+
+    def stats(self) -> EpochStats:
+        seen = max(self.seen, 1)
+        return EpochStats(self.loss.item() / seen, self.correct.item() / seen, self.seconds, self.seen)
+
+
+class TrainingDiverged(CnnlabError):
+    """The loss became NaN or infinite."""
+
+
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on the given device, or nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -35,19 +59,25 @@ def autocast(device: torch.device, bf16: bool):
 def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *,
                     bf16: bool, epoch: int, ema: torch.optim.swa_utils.AveragedModel | None = None,
-                    progress: bool = True) -> EpochStats:
+                    progress: bool = True, start: int = 0, totals: Totals | None = None,
+                    after_step: Callable[[int, Totals], None] | None = None) -> EpochStats:
+    """Train one pass over `loader` from batch `start` (non-zero when resuming), adding to
+    `totals`; `after_step(step, totals)` runs after every optimiser step (checkpoints)."""
     model.train()
     device = loader.normalize.device
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, file=sys.stderr, leave=False)
-    for step, (images, labels) in enumerate(bar):
+    totals = totals or Totals.zero(device)
+    # NaN checks synchronise; on a GPU check every few steps (a checkpoint always checks first)
+    check_every = 1 if device.type == "cpu" else 25
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, file=sys.stderr, leave=False,
+               initial=start, total=len(loader))
+    mark = time.perf_counter()
+    for step, (images, labels) in enumerate(bar, start=start):
         # forward / backward / step
         with autocast(device, bf16):
             logits = model(images)
             loss = loss_fn(logits, labels)
+        if step % check_every == 0 and not torch.isfinite(loss):
+            raise TrainingDiverged(f"The loss became {loss.item()} at epoch {epoch}, batch {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -55,18 +85,22 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         if ema is not None:
             ema.update_parameters(model)
         # running totals stay on the device: no synchronisation per step
-        total_loss += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
+        totals.loss += loss.detach() * len(labels)
+        totals.correct += (logits.argmax(1) == labels).sum()
+        totals.seen += len(labels)
+        totals.seconds += time.perf_counter() - mark
         if progress and step % 10 == 0:
-            rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{rate:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{totals.loss.item() / totals.seen:.3f}",
+                            acc=f"{totals.correct.item() / totals.seen:.3f}",
+                            img_s=f"{totals.seen / max(totals.seconds, 1e-9):.0f}", refresh=False)
+        if after_step is not None:
+            after_step(step, totals)
+        mark = time.perf_counter()  # checkpoint writing is not training time
     bar.close()
-    if device.type == "cuda":
+    if device.type == "cuda":  # the last steps may still be running
         torch.cuda.synchronize()
-    return EpochStats(total_loss.item() / max(seen, 1), correct.item() / max(seen, 1),
-                      time.perf_counter() - start, seen)
+        totals.seconds += time.perf_counter() - mark
+    return totals.stats()
 
 
 TTA_MODES = ("none", "flip", "flip-translate")

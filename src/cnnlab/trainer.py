@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
-from .checkpoint import CHECKPOINT_FILE, atomic_write, save_checkpoint, save_model, write_json
-from .config import TrainConfig, make_config, save_yaml
+from .checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, save_checkpoint, save_model, write_json
+from .config import TrainConfig, load_yaml, make_config, save_yaml
 from .data import BatchLoader, Normalize, channel_stats
 from .datasets import DatasetBundle, Split, load_dataset, stratified_subset
-from .engine import accuracy, predict_logits, train_one_epoch
+from .engine import Totals, TrainingDiverged, accuracy, predict_logits, train_one_epoch
 from .errors import CnnlabError
 from .images import resize
 from .models import check_model_name, count_parameters, create_model
@@ -144,9 +145,19 @@ def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normal
     return train_loader, low_loader
 
 
-def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
-    """Train a model; returns the run directory. Keyword arguments are TrainConfig fields."""
-    config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
+def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = None, **overrides: Any) -> Path:
+    """Train a model; returns the run directory. Keyword arguments are TrainConfig fields.
+
+    resume: a run directory to continue from its last checkpoint (mid-epoch included) with its
+    own config.yaml; the result equals an uninterrupted run's on the same machine."""
+    state = None
+    if resume is not None:
+        config, state = _resume_state(Path(resume), overrides)
+        if state is None:
+            _log(f"{resume} has finished training already (summary.json is there); nothing to do.")
+            return Path(resume)
+    else:
+        config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
     check_model_name(config.model)  # before minutes of data loading, not after
     if config.tensorboard:
         require_tensorboard()
@@ -178,46 +189,84 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
         ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(config.ema_decay), use_buffers=True)
     final = ema.module if ema is not None else model  # the weights that are evaluated and saved
 
-    run_dir = Path(config.out) if config.out else default_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", lambda tmp: save_yaml(config, tmp))
-    (run_dir / "metrics.jsonl").write_text("")
+    run_dir = Path(resume) if resume is not None else Path(config.out) if config.out else default_run_dir(config)
+    progress = _Progress()
+    if state is not None:
+        progress = _restore(state, model, optimizer, scheduler, ema, run_dir)
+        _log(f"resuming {run_dir} at epoch {progress.epochs_done + 1}, batch {progress.step + 1}")
+    else:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CnnlabError(f"Cannot write {run_dir}: {exc.strerror or exc}.") from None
+        atomic_write(run_dir / "config.yaml", lambda tmp: save_yaml(config, tmp))
+        atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(""))
     tensorboard = TensorBoardLog(run_dir / "tensorboard") if config.tensorboard else None
     _log(f"training {config.model} ({count_parameters(model):,} parameters) on {bundle.name}: "
          f"{len(bundle.train):,} train / {len(bundle.val) if bundle.val else 0:,} val / {len(bundle.test):,} test images, "
          f"{device.type}{' bf16' if bf16 else ''} -> {run_dir}")
 
-    train_seconds, best_val, images_seen = 0.0, float("nan"), 0
-    for epoch in range(1, config.epochs + 1):
-        loader = low_loader if low_loader is not None and epoch <= config.low_res_epochs else train_loader
-        stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, bf16=bf16, epoch=epoch,
-                                ema=ema, progress=config.progress)
-        train_seconds += stats.seconds
-        images_seen += stats.images
-        val_acc = accuracy(*predict_logits(final, val_loader, bf16=bf16)) if val_loader else None
-        if val_acc is not None and not val_acc <= best_val:
-            best_val = val_acc
-        record = {"epoch": epoch, "elapsed_seconds": round(train_seconds, 3), "train_loss": stats.loss,
-                  "train_accuracy": stats.accuracy, "val_accuracy": val_acc,
-                  "lr": optimizer.param_groups[0]["lr"], "images_per_second": round(stats.images_per_second, 1)}
-        if config.eval_test:
-            record["test_accuracy"] = accuracy(*predict_logits(final, test_loader, bf16=bf16, tta=config.tta,
-                                                               flip=flip))
-        with open(run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if tensorboard is not None:
-            tensorboard.log_epoch(record)
+    def checkpoint(loader: BatchLoader, totals: Totals | None = None, step: int = 0) -> None:
+        """Save the training state; mid-epoch (step > 0) with the epoch's running sums."""
+        if totals is not None and not torch.isfinite(totals.loss):
+            raise TrainingDiverged(f"The loss became {totals.loss.item()} in epoch {progress.epochs_done + 1}")
+        progress.step = step
         save_checkpoint(run_dir / CHECKPOINT_FILE, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "data_rng": train_loader.generator.get_state(), "train_seconds": train_seconds})
-        val_text = f", val acc {val_acc:.4f}" if val_acc is not None else ""
-        _log(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, train acc {stats.accuracy:.4f}{val_text}, "
-             f"{stats.images_per_second:.0f} img/s, {train_seconds:.1f}s")
+            "epochs_done": progress.epochs_done, "step": progress.step, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "loader": loader.state(),
+            "totals": None if totals is None else {"loss": totals.loss.cpu(), "correct": totals.correct.cpu(),
+                                                   "seen": totals.seen, "seconds": totals.seconds},
+            "train_seconds": progress.train_seconds, "images_seen": progress.images_seen,
+            "best_val": progress.best_val})
 
-    if tensorboard is not None:
-        tensorboard.close()
+    try:
+        for epoch in range(progress.epochs_done + 1, config.epochs + 1):
+            loader = low_loader if low_loader is not None and epoch <= config.low_res_epochs else train_loader
+            totals = None
+            if progress.step:  # an interrupted epoch: same order, same random draws, same sums
+                loader.resume_at(progress.loader_state, progress.step)
+                totals = Totals(progress.totals["loss"].to(device), progress.totals["correct"].to(device),
+                                progress.totals["seen"], progress.totals["seconds"])
+            elif progress.loader_state is not None:
+                loader.resume_at(progress.loader_state, 0)
+
+            def after_step(step: int, sums: Totals, loader: BatchLoader = loader) -> None:
+                every = config.checkpoint_every_steps
+                if every and (step + 1) % every == 0 and step + 1 < len(loader):
+                    checkpoint(loader, sums, step + 1)
+
+            stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, bf16=bf16, epoch=epoch, ema=ema,
+                                    progress=config.progress, start=progress.step, totals=totals,
+                                    after_step=after_step)
+            progress.loader_state, progress.step = None, 0
+            progress.train_seconds += stats.seconds
+            progress.images_seen += stats.images
+            val_acc = accuracy(*predict_logits(final, val_loader, bf16=bf16)) if val_loader else None
+            if val_acc is not None and not val_acc <= progress.best_val:
+                progress.best_val = val_acc
+            record = {"epoch": epoch, "elapsed_seconds": round(progress.train_seconds, 3), "train_loss": stats.loss,
+                      "train_accuracy": stats.accuracy, "val_accuracy": val_acc,
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_second": round(stats.images_per_second, 1)}
+            if config.eval_test:
+                record["test_accuracy"] = accuracy(*predict_logits(final, test_loader, bf16=bf16, tta=config.tta,
+                                                                   flip=flip))
+            _append_metrics(run_dir, record)
+            if tensorboard is not None:
+                tensorboard.log_epoch(record)
+            progress.epochs_done = epoch
+            checkpoint(loader)
+            val_text = f", val acc {val_acc:.4f}" if val_acc is not None else ""
+            _log(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, train acc {stats.accuracy:.4f}{val_text}, "
+                 f"{stats.images_per_second:.0f} img/s, {progress.train_seconds:.1f}s")
+    except TrainingDiverged as exc:
+        kept = (f"the last good checkpoint (it resumes at epoch {progress.epochs_done + 1}, batch "
+                f"{progress.step + 1}) is kept in {run_dir}" if (run_dir / CHECKPOINT_FILE).is_file() else "no checkpoint had been written yet")
+        raise TrainingDiverged(f"{exc}; training stopped and {kept}. Lower the learning rate (--lr) and "
+                               "start again.") from None
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
 
     # weights, with the preprocessing facts they need
     save_model(final, {
@@ -228,12 +277,74 @@ def train(config: TrainConfig | None = None, /, **overrides: Any) -> Path:
     }, run_dir)
     # fp32 here, as evaluate, predict and exported models run: the figures must agree
     test_acc = accuracy(*predict_logits(final, test_loader, bf16=False, tta=config.tta, flip=flip))
-    summary = {"test_accuracy": test_acc, "best_val_accuracy": None if math.isnan(best_val) else best_val,
-               "train_seconds": round(train_seconds, 3), "epochs": config.epochs,
-               "images_per_second": round(images_seen / max(train_seconds, 1e-9), 1),
+    summary = {"test_accuracy": test_acc,
+               "best_val_accuracy": None if math.isnan(progress.best_val) else progress.best_val,
+               "train_seconds": round(progress.train_seconds, 3), "epochs": config.epochs,
+               "images_per_second": round(progress.images_seen / max(progress.train_seconds, 1e-9), 1),
                "params": count_parameters(model), "dataset": bundle.name, "model": config.model,
                "device": device.type, "bf16": bf16, "train_images": len(bundle.train),
                "finished": datetime.now().isoformat(timespec="seconds")}
     write_json(run_dir / "summary.json", summary)
-    _log(f"test accuracy {test_acc:.4f} after {train_seconds:.1f}s of training; run directory {run_dir}")
+    _log(f"test accuracy {test_acc:.4f} after {progress.train_seconds:.1f}s of training; run directory {run_dir}")
     return run_dir
+
+
+@dataclass
+class _Progress:
+    """Where training stands: what a checkpoint records beyond the model and optimiser."""
+    epochs_done: int = 0
+    step: int = 0  # batches done in epoch epochs_done + 1
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    best_val: float = float("nan")
+    loader_state: dict[str, torch.Tensor] | None = None
+    totals: dict[str, Any] | None = None
+
+
+def _resume_state(run_dir: Path, overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The run's config and its last checkpoint (None when the run has finished)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise CnnlabError(f"{run_dir} is not a cnnlab run directory (no config.yaml); nothing to resume.")
+    config = make_config(**{**load_yaml(run_dir / "config.yaml"), **overrides})
+    if (run_dir / "summary.json").is_file():
+        return config, None
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        raise CnnlabError(f"{run_dir} has no {CHECKPOINT_FILE} yet (it stopped before its first checkpoint); "
+                          "start it again instead.")
+    return config, load_checkpoint(run_dir / CHECKPOINT_FILE)
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             ema: AveragedModel | None, run_dir: Path) -> _Progress:
+    """Load a checkpoint into the training objects; metrics.jsonl keeps only the epochs it covers."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
+        progress = _Progress(state["epochs_done"], state["step"], state["train_seconds"], state["images_seen"],
+                             state["best_val"], state["loader"], state["totals"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise CnnlabError(f"{run_dir / CHECKPOINT_FILE} does not fit this run's model and settings "
+                          f"({type(exc).__name__}); start it again instead.") from None
+    records = [line for line in _read_lines(run_dir / "metrics.jsonl")
+               if json.loads(line)["epoch"] <= progress.epochs_done]
+    atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text("".join(r + "\n" for r in records)))
+    return progress
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    try:
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise CnnlabError(f"Cannot write {run_dir / 'metrics.jsonl'}: {exc.strerror or exc}.") from None

@@ -1,0 +1,151 @@
+"""Crash-safe training: a real `cnnlab train` killed with SIGKILL at a random moment and resumed
+ends with the same weights and metrics as an uninterrupted run; divergence and write failures
+stop cleanly with the last good checkpoint intact."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cnnlab
+from cnnlab import checkpoint as checkpoint_module
+from cnnlab.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from cnnlab.errors import CnnlabError
+
+from conftest import HAVE_FMNIST, needs_fmnist
+
+# 2 epochs of 32 batches (about 4 s), a checkpoint every 5 batches; one thread, so both runs
+# sum in the same order
+TRAIN_FLAGS = ["--dataset", "fashion-mnist", "--limit-train", "8192", "--epochs", "2", "--batch-size", "256",
+               "--model-arg", "widths=[16,32,64]", "--checkpoint-every-steps", "5", "--threads", "1",
+               "--tta", "flip", "--translate", "1", "--no-progress"]
+
+
+def cnnlab_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, timeout=600,
+                          **kwargs)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not HAVE_FMNIST:
+        pytest.skip("Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
+    run = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    result = cnnlab_cli("train", *TRAIN_FLAGS, "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+@needs_fmnist
+def test_sigkill_at_a_random_moment_then_resume_gives_the_same_run(uninterrupted: Path, tmp_path: Path) -> None:
+    seed = random.randrange(1_000_000)
+    delay = random.Random(seed).uniform(0.0, 4.0)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *TRAIN_FLAGS, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / CHECKPOINT_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)  # somewhere after the first checkpoint: mid-epoch, between epochs, or while saving
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(run / CHECKPOINT_FILE)  # whatever instant it died at, the checkpoint is whole
+    print(f"killed after {delay:.2f} s (seed {seed}) at epoch {state['epochs_done'] + 1}, batch {state['step'] + 1}")
+
+    result = cnnlab_cli("train", "--resume", str(run), "--no-progress")
+    assert result.returncode == 0, result.stderr
+
+    want, got = load_file(uninterrupted / "model.safetensors"), load_file(run / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name].float(), got[name].float(), atol=1e-6, rtol=0), name
+    for a, b in zip(metrics(uninterrupted), metrics(run), strict=True):
+        for key in ("epoch", "train_loss", "train_accuracy", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    summary = [json.loads((r / "summary.json").read_text()) for r in (uninterrupted, run)]
+    assert summary[0]["test_accuracy"] == summary[1]["test_accuracy"]
+
+
+@needs_fmnist
+def test_resuming_a_finished_run_does_nothing(uninterrupted: Path) -> None:
+    before = (uninterrupted / "model.safetensors").read_bytes()
+    result = cnnlab_cli("train", "--resume", str(uninterrupted), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "finished training already" in result.stdout and "nothing to do" in result.stdout
+    assert (uninterrupted / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--resume", "{tmp}/nothing-here"], "not a cnnlab run directory"),
+    (["--resume", "{run}", "--epochs", "5"], "drop --epochs"),
+])
+def test_resume_usage_errors(args: list[str], fragment: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("dataset: fashion-mnist\n")
+    result = cnnlab_cli("train", *[a.format(tmp=tmp_path, run=run) for a in args])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr
+
+
+@needs_fmnist
+def test_a_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "diverged"
+    result = cnnlab_cli("train", "--dataset", "fashion-mnist", "--limit-train", "2048", "--epochs", "3",
+                        "--model-arg", "widths=[8,16,32]", "--lr", "1e6", "--warmup-epochs", "0",
+                        "--label-smoothing", "0", "--checkpoint-every-steps", "1", "--no-progress", "--out", str(run))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()
+    assert len(line) == 1 and "Traceback" not in result.stderr
+    assert "loss became" in line[0] and "Lower the learning rate" in line[0]
+    assert not (run / "model.safetensors").exists()
+    if (run / CHECKPOINT_FILE).exists():  # what was kept holds finite weights only
+        state = load_checkpoint(run / CHECKPOINT_FILE)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+        assert "last good checkpoint" in line[0]
+
+
+@needs_fmnist
+def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "full"
+    saves = {"n": 0}
+    real_fsync = os.fsync
+
+    def fsync_until_the_disk_fills(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{CHECKPOINT_FILE}."):
+            saves["n"] += 1
+            if saves["n"] > 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync_until_the_disk_fills)
+    with pytest.raises(CnnlabError, match="No space left on device.*intact"):
+        cnnlab.train(dataset="fashion-mnist", limit_train=2048, epochs=2, batch_size=256,
+                     model_args={"widths": [8, 16, 32]}, checkpoint_every_steps=3, progress=False, out=str(run))
+    state = load_checkpoint(run / CHECKPOINT_FILE)  # the second save: whole, and resumable
+    assert (state["epochs_done"], state["step"]) == (0, 6)
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = cnnlab_cli("train", "--dataset", "fashion-mnist", "--limit-train", "512", "--epochs", "1",
+                        "--no-progress", "--out", str(blocker / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Cannot write" in result.stderr
