@@ -44,3 +44,17 @@ def fmnist_test_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[P
         paths.append(path)
         labels.append(bundle.class_names[int(bundle.test.labels[i])])
     return paths, labels
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A test module's environment: a fresh $CNNLAB_CACHE and no $CNNLAB_DATA (pass it to subprocesses)."""
+    return {"CNNLAB_CACHE": str(tmp_path_factory.mktemp("cache")), "CNNLAB_DATA": ""}
+
+
+@pytest.fixture
+def use_cache_env(cache_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """cache_env for in-process calls too; a module opts in with pytest.mark.usefixtures."""
+    for key, value in cache_env.items():
+        monkeypatch.setenv(key, value)
+    return cache_env

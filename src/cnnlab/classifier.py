@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Sequence, Union
 import torch
 from PIL import Image
 
-from .checkpoint import load_weights, read_model_meta
+from .checkpoint import MODEL_FILE, MODEL_META, load_weights, read_model_meta
 from .data import Normalize
 from .engine import autocast, tta_logits
 from .errors import CnnlabError
@@ -53,12 +53,12 @@ class Classifier:
         run_dir = Path(run_dir)
         meta = read_model_meta(run_dir)
         state = load_weights(run_dir, meta)
-        model = create_model(meta["architecture"], meta["in_channels"], meta["num_classes"], **meta["model_args"])
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise CnnlabError(f"The weights in {run_dir} do not fit {meta['architecture']}: {first}") from None
+            model = create_model(meta["architecture"], meta["in_channels"], meta["num_classes"], **meta["model_args"])
+        except CnnlabError as exc:
+            raise CnnlabError(f"{run_dir / MODEL_META} does not describe a buildable model: {exc}") from None
+        _check_fit(model.state_dict(), state, meta, run_dir)
+        model.load_state_dict(state, strict=True)
         return cls(model, meta, device, precision)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,22 @@ class Classifier:
         if isinstance(image, torch.Tensor):
             return _as_uint8(image if image.ndim == 3 else image.unsqueeze(0))
         raise CnnlabError(f"Cannot classify an object of type {type(image).__name__}; pass a path, PIL image or tensor.")
+
+
+def _check_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], meta: dict[str, Any],
+               run_dir: Path) -> None:
+    """Every tensor the model.json architecture needs, with its shape, and no others; else CnnlabError."""
+    described = (f"{meta['architecture']} with {meta['num_classes']} classes, {meta['in_channels']} input channel(s)"
+                 f" and model_args {meta['model_args']}")
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CnnlabError(f"{run_dir / MODEL_FILE} does not hold the weights of {described} (as {MODEL_META} says): "
+                          f"{len(missing)} tensor(s) missing, {len(unexpected)} unexpected, "
+                          f"e.g. {(missing + unexpected)[0]!r}.")
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise CnnlabError(f"{run_dir / MODEL_FILE} does not fit {described} (as {MODEL_META} says): "
+                              f"{name!r} has shape {list(state[name].shape)}, the model needs {list(tensor.shape)}.")
 
 
 def _as_uint8(x: torch.Tensor) -> torch.Tensor:

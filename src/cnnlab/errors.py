@@ -10,3 +10,9 @@ class CnnlabError(Exception):
 
 class DatasetNotFound(CnnlabError):
     """A dataset's files are not on disk and could not be downloaded."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's can run to dozens), or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

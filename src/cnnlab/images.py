@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 
@@ -35,31 +35,35 @@ def decode_image_bytes(data: bytes, first_frame_only: bool = False) -> torch.Ten
     first_frame_only: decode with Pillow, which reads one frame, where torchvision would
     decode every frame of an animation at once.
     """
-    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    if not data:
+        raise UnreadableImage("empty file")
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        # UNCHANGED keeps grayscale as one channel but returns a palette PNG's raw indices,
-        # and RGB_ALPHA invents an alpha channel for it: Pillow reads those correctly.
-        if first_frame_only or _is_palette_png(buffer):
+        # Pillow reads PNG: torchvision's decoder kills the process (SIGSEGV) on any error libpng
+        # reports mid-image (a bad checksum, missing pixel data), and returns palette indices as pixels.
+        if first_frame_only or _is_png(buffer):
             raise ValueError("decode with Pillow")
         image = decode_image(buffer, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
     except (RuntimeError, ValueError):
         image = _read_with_pillow(io.BytesIO(data))
     if image.ndim == 4:  # animated GIF/WebP: keep the first frame
         image = image[0]
-    if image.dtype != torch.uint8:  # 16-bit PNG
+    if image.dtype != torch.uint8:  # 16-bit
         image = TF.to_dtype(image, torch.uint8, scale=True)
     return _drop_alpha(image)
 
 
-def _is_palette_png(data: torch.Tensor) -> bool:
-    # PNG signature, then the IHDR chunk: colour type 3 (indexed) sits at byte 25.
-    return len(data) > 25 and bytes(data[1:4].tolist()) == b"PNG" and int(data[25]) == 3
+def _is_png(data: torch.Tensor) -> bool:
+    # looser than torchvision's test (the first four bytes), so nothing it takes for PNG gets to it
+    return bytes(data[1:4].tolist()) == b"PNG"
 
 
 def _read_with_pillow(source: Path | BinaryIO) -> torch.Tensor:
     try:
         with Image.open(source) as pil:
             return _pil_with_alpha(ImageOps.exif_transpose(pil))
+    except UnidentifiedImageError:  # its message names a memory address when reading bytes
+        raise UnreadableImage("not an image in a format either decoder reads") from None
     except Exception as exc:  # Pillow raises many types for broken files
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
 
@@ -70,8 +74,11 @@ def from_pil(pil: Image.Image) -> torch.Tensor:
 
 
 def _pil_with_alpha(pil: Image.Image) -> torch.Tensor:
+    if pil.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grayscale: keep the high byte, as torchvision's to_dtype(uint8, scale=True) does
+        return (TF.pil_to_tensor(pil.convert("I")).clamp(0, 65535) >> 8).to(torch.uint8)
     # grayscale stays one channel (as torchvision decodes it); alpha is kept for compositing
-    gray = pil.mode in ("L", "LA", "La", "1", "I", "I;16", "F")
+    gray = pil.mode in ("L", "LA", "La", "1", "F")
     alpha = pil.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in pil.info
     mode = ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
     return TF.pil_to_tensor(pil.convert(mode))

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import CnnlabError
+from .errors import CnnlabError, first_line
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
@@ -54,8 +54,8 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
         return _torchvision_model(name[3:], in_channels, num_classes, **kwargs)
     try:
         return _MODELS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
-    except TypeError as exc:
-        raise CnnlabError(f"Bad arguments for model {name!r}: {exc}.") from None
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a negative width, a dropout above 1
+        raise CnnlabError(f"Bad arguments for model {name!r}: {first_line(exc)}.") from None
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -156,8 +156,8 @@ def resnet18_cifar(in_channels: int, num_classes: int) -> nn.Module:
 def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise CnnlabError(f"Cannot build tv:{name}: {exc}.") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CnnlabError(f"Cannot build tv:{name}: {first_line(exc)}.") from None
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model

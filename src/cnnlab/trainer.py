@@ -25,6 +25,7 @@ from .data import BatchLoader, Normalize, channel_stats
 from .datasets import DatasetBundle, Split, load_dataset, stratified_subset
 from .engine import Totals, TrainingDiverged, accuracy, predict_logits, train_one_epoch
 from .errors import CnnlabError
+from .folder import write_skipped
 from .images import resize
 from .models import check_model_name, count_parameters, create_model
 from .tblog import TensorBoardLog, require_tensorboard
@@ -201,6 +202,7 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
             raise CnnlabError(f"Cannot write {run_dir}: {exc.strerror or exc}.") from None
         atomic_write(run_dir / "config.yaml", lambda tmp: save_yaml(config, tmp))
         atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(""))
+        write_skipped(run_dir, bundle.skipped)
     tensorboard = TensorBoardLog(run_dir / "tensorboard") if config.tensorboard else None
     _log(f"training {config.model} ({count_parameters(model):,} parameters) on {bundle.name}: "
          f"{len(bundle.train):,} train / {len(bundle.val) if bundle.val else 0:,} val / {len(bundle.test):,} test images, "
@@ -283,6 +285,7 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
                "images_per_second": round(progress.images_seen / max(progress.train_seconds, 1e-9), 1),
                "params": count_parameters(model), "dataset": bundle.name, "model": config.model,
                "device": device.type, "bf16": bf16, "train_images": len(bundle.train),
+               "skipped_files": len(bundle.skipped or []),
                "finished": datetime.now().isoformat(timespec="seconds")}
     write_json(run_dir / "summary.json", summary)
     _log(f"test accuracy {test_acc:.4f} after {progress.train_seconds:.1f}s of training; run directory {run_dir}")

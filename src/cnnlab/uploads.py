@@ -8,7 +8,6 @@ claims billions of pixels, a decompression bomb, is refused before it costs any 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 from typing import Any, NamedTuple, Sequence
 
@@ -139,7 +138,7 @@ def decode_base64(text: str, name: str, max_bytes: int) -> bytes:
         raise ApiError(413, f"{name} is over the {max_bytes:,}-byte limit per image.")
     try:
         return base64.b64decode(text, validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or a plain ValueError for characters outside ASCII
         raise ApiError(422, f"{name} is not valid base64 ({exc}).") from None
 
 
