@@ -9,11 +9,9 @@ import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cnnlab import Classifier
-from serving import running_server
+from serving import png_header, running_server
 
 MAX_BYTES = 5_000  # per image: Fashion-MNIST PNGs are under 1 kB
 MAX_PIXELS = 1_000_000
@@ -74,14 +72,6 @@ def assert_error(response: httpx.Response, status: int, fragment: str) -> None:
     body = response.json()
     assert list(body) == ["error"] and fragment in body["error"], body
     assert "Traceback" not in response.text
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A valid PNG claiming width x height grayscale pixels, with no pixel data: a decompression bomb's header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) \
-        + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def blank_png(width: int, height: int) -> bytes:

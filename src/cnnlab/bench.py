@@ -266,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--serve-arg", action="append", default=[], metavar="FLAG",
                    help="an extra `cnnlab serve` flag, e.g. --serve-arg=--max-wait-ms=2 (repeatable)")
+    p = sub.add_parser("soak", help="cnnlab serve under valid and malformed uploads mixed: drops, 5xx, memory")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--invalid-share", type=float, default=0.5, help="fraction of requests that are malformed")
     p = sub.add_parser("predict", help="cnnlab predict over a folder of PNGs, torch and onnx backends")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--images", type=int, default=10000)
@@ -280,12 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.command is None:
         ns = parser.parse_args(["recipes", *(argv or [])])
-    if ns.command in ("serve", "predict"):
-        from .bench_deploy import bench_predict, bench_serve
+    if ns.command in ("serve", "soak", "predict"):
+        from .bench_deploy import bench_predict, bench_serve, bench_soak
 
         print(f"machine: {machine()}", flush=True)
         if ns.command == "serve":
             bench_serve(ns.run_dir, [int(n) for n in ns.clients.split(",")], ns.seconds, ns.serve_arg)
+        elif ns.command == "soak":
+            bench_soak(ns.run_dir, ns.clients, ns.seconds, ns.invalid_share)
         else:
             bench_predict(ns.run_dir, ns.images, ns.batch_size)
         return 0

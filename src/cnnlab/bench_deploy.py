@@ -1,7 +1,9 @@
-"""Deployment benchmarks (not tests): `cnnlab serve` under concurrent load, and `cnnlab predict`
-throughput over a folder of PNGs with the torch and onnx backends.
+"""Deployment benchmarks (not tests): `cnnlab serve` under concurrent load, a soak of valid and
+malformed uploads mixed, and `cnnlab predict` throughput over a folder of PNGs with the torch and
+onnx backends.
 
     python -m cnnlab.bench serve RUN_DIR [--clients 16] [--seconds 60]
+    python -m cnnlab.bench soak RUN_DIR [--clients 32] [--seconds 60] [--invalid-share 0.5]
     python -m cnnlab.bench predict RUN_DIR [--images 10000]
 
 The server and `cnnlab predict` run as real subprocesses; the load comes from a separate
@@ -11,7 +13,10 @@ client process of threads on keep-alive connections, each sending one image per 
 from __future__ import annotations
 
 import http.client
+import io
 import json
+import math
+import random
 import re
 import statistics
 import subprocess
@@ -20,8 +25,10 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, NamedTuple
 
 START_TIMEOUT = 120
 
@@ -47,52 +54,71 @@ def write_test_pngs(run_dir: Path, folder: Path, count: int) -> list[str]:
 
 # ---------------------------------------------------------------- serve under load
 
-def _multipart(png: bytes) -> tuple[bytes, str]:
+class Post(NamedTuple):
+    """A request body for POST /v1/predict and the answer it should get."""
+    body: bytes
+    content_type: str
+    status: int = 200  # the HTTP status expected
+    label: str | None = None  # the top-1 class expected, for a valid image; None: not checked
+
+
+Record = Callable[[Post, int, bytes, float], None]  # (post, HTTP status or 0 if the connection failed, body, s)
+
+
+def multipart(data: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body holding one file in the field 'files', and its Content-Type."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def _client(host: str, port: int, images: list[bytes], stop_at: float, latencies: list[float],
-            errors: list[str]) -> None:
+def _client(host: str, port: int, posts: list[Post], stop_at: float, record: Record) -> None:
+    """Send `posts` in turn on one keep-alive connection until `stop_at`, recording every answer."""
     conn = http.client.HTTPConnection(host, port, timeout=30)
-    bodies = [_multipart(png) for png in images]
     i = 0
     while time.perf_counter() < stop_at:
-        body, ctype = bodies[i % len(bodies)]
+        post = posts[i % len(posts)]
         i += 1
         start = time.perf_counter()
         try:
-            conn.request("POST", "/v1/predict", body=body, headers={"Content-Type": ctype})
+            conn.request("POST", "/v1/predict", body=post.body, headers={"Content-Type": post.content_type})
             response = conn.getresponse()
-            payload = response.read()
-            if response.status != 200:
-                errors.append(f"{response.status}: {payload[:200]!r}")
-                continue
+            status, payload = response.status, response.read()
         except (OSError, http.client.HTTPException) as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
+            status, payload = 0, f"{type(exc).__name__}: {exc}".encode()
             conn.close()
             conn = http.client.HTTPConnection(host, port, timeout=30)
-            continue
-        latencies.append(time.perf_counter() - start)
+        record(post, status, payload, time.perf_counter() - start)
     conn.close()
 
 
-def load_clients(url: str, pngs: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
-    """`clients` threads posting single images for `seconds`; requests/s and latency percentiles."""
+def run_clients(url: str, posts: list[Post], clients: int, seconds: float, record: Record) -> float:
+    """`clients` threads, each sending its share of `posts` for `seconds`; returns the wall time."""
     host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()
-    latencies: list[float] = []
-    errors: list[str] = []
     stop_at = time.perf_counter() + seconds
-    threads = [threading.Thread(target=_client, args=(host, int(port), pngs[i::clients] or pngs, stop_at,
-                                                      latencies, errors)) for i in range(clients)]
+    threads = [threading.Thread(target=_client, args=(host, int(port), posts[i::clients] or posts, stop_at, record))
+               for i in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def load_clients(url: str, pngs: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` threads posting single images for `seconds`; requests/s and latency percentiles."""
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def record(post: Post, status: int, payload: bytes, seconds: float) -> None:
+        if status == 200:
+            latencies.append(seconds)
+        else:
+            errors.append(f"{status}: {payload[:200]!r}")
+
+    wall = run_clients(url, [Post(*multipart(png)) for png in pngs], clients, seconds, record)
     ordered = sorted(latencies)
 
     def pct(q: float) -> float:
@@ -104,22 +130,28 @@ def load_clients(url: str, pngs: list[bytes], clients: int, seconds: float) -> d
 
 
 def bench_serve(run_dir: Path, clients: list[int], seconds: float, serve_args: list[str]) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-serve-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-serve-") as tmp, \
+            _server(run_dir, serve_args, Path(tmp) / "server.log") as (url, _):
         write_test_pngs(run_dir, Path(tmp) / "png", 256)
         pngs = [p.read_bytes() for p in sorted((Path(tmp) / "png").glob("*.png"))]
-        log = open(Path(tmp) / "server.log", "w+")
+        load_clients(url, pngs, 4, 2.0)  # warm-up
+        results = []
+        for n in clients:
+            results.append(load_clients(url, pngs, n, seconds))
+            stats = _get_json(url, "/v1/stats")
+            results[-1]["mean_images_per_forward_pass"] = round(stats["images"] / max(stats["forward_passes"], 1), 1)
+            print(json.dumps(results[-1]), flush=True)
+        return results
+
+
+@contextmanager
+def _server(run_dir: Path, serve_args: list[str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`cnnlab serve RUN_DIR --port 0 ARGS` in a subprocess: its base URL and the process, until the block ends."""
+    with open(log_path, "w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--port", "0", *serve_args],
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
-            url = server_url(proc, Path(log.name))
-            load_clients(url, pngs, 4, 2.0)  # warm-up
-            results = []
-            for n in clients:
-                results.append(load_clients(url, pngs, n, seconds))
-                stats = _get_json(url, "/v1/stats")
-                results[-1]["mean_images_per_forward_pass"] = round(stats["images"] / max(stats["forward_passes"], 1), 1)
-                print(json.dumps(results[-1]), flush=True)
-            return results
+            yield server_url(proc, log_path), proc
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -143,6 +175,138 @@ def _get_json(url: str, path: str) -> dict[str, Any]:
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("GET", path)
     return json.loads(conn.getresponse().read())
+
+
+# ---------------------------------------------------------------- soak: valid and invalid uploads mixed
+
+SOAK_MAX_BYTES = 200_000  # per image: small limits keep the oversized uploads cheap to send
+SOAK_MAX_PIXELS = 1_000_000
+SOAK_SERVE_ARGS = ["--max-bytes", str(SOAK_MAX_BYTES), "--max-pixels", str(SOAK_MAX_PIXELS)]
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory in MiB, from /proc/PID/status (Linux); ProcessLookupError once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        raise ProcessLookupError(f"process {pid} has exited") from None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024  # the line reads "VmRSS:   123456 kB"
+    raise ProcessLookupError(f"process {pid} has exited")  # a zombie, not yet reaped, has no VmRSS
+
+
+class RssSampler:
+    """A process's RSS sampled on entering the `with` block, every `interval` seconds by a thread
+    while it runs, and on leaving it; sampling stops early if the process exits."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid, self.interval = pid, interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self.samples.append(rss_mib(self.pid))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample_once()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval) and self._sample_once():
+            pass
+
+    def _sample_once(self) -> bool:
+        try:
+            self.samples.append(rss_mib(self.pid))
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def invalid_posts(png: bytes, max_bytes: int, max_pixels: int) -> list[Post]:
+    """One upload of each kind the server must refuse: not an image, a truncated PNG, a PNG with
+    broken pixel data, too many bytes, too many pixels, a broken multipart body, bad base64 in JSON."""
+    from PIL import Image
+
+    rng = random.Random(0)
+    side = math.isqrt(max_pixels) + 1
+    too_large = io.BytesIO()
+    Image.new("L", (side, side), 255).save(too_large, "PNG")  # compresses to a few kB
+    return [Post(*multipart(rng.randbytes(2000)), 415), Post(*multipart(png[:len(png) // 2]), 415),
+            Post(*multipart(broken_zlib_png(png)), 415),
+            Post(*multipart(rng.randbytes(max_bytes + 1)), 413), Post(*multipart(too_large.getvalue()), 413),
+            Post(b"--x\r\nnot a header\r\n\r\n", "multipart/form-data; boundary=x", 422),
+            Post(b'{"images": ["not base64!"]}', "application/json", 422),
+            Post('{"images": ["\u00e9t\u00e9"]}'.encode(), "application/json", 422)]  # not even ASCII
+
+
+def broken_zlib_png(png: bytes) -> bytes:
+    """`png` with the zlib checksum of its (first) pixel data chunk flipped and the chunk's CRC made to
+    match, so only the decompressor notices: an error in mid-image, which crashed torchvision's decoder."""
+    idat = png.index(b"IDAT")
+    end = idat + 4 + int.from_bytes(png[idat - 4:idat], "big")  # where the chunk's CRC starts
+    data = png[idat + 4:end - 1] + bytes([png[end - 1] ^ 0xFF])
+    return png[:idat + 4] + data + zlib.crc32(b"IDAT" + data).to_bytes(4, "big") + png[end + 4:]
+
+
+def soak_posts(run_dir: Path, pngs: list[Path], invalid_share: float, count: int = 512) -> list[Post]:
+    """`count` posts in a fixed random order: the PNGs, each with `Classifier.predict`'s top-1 class,
+    mixed with `invalid_posts` (SOAK_MAX_BYTES, SOAK_MAX_PIXELS) making up about `invalid_share` of them."""
+    from .classifier import Classifier
+
+    labels = [ranked[0].label for ranked in Classifier.load(run_dir).predict(pngs, top_k=1)]
+    valid = [Post(*multipart(path.read_bytes()), 200, label) for path, label in zip(pngs, labels)]
+    invalid = invalid_posts(pngs[0].read_bytes(), SOAK_MAX_BYTES, SOAK_MAX_PIXELS)
+    rng = random.Random(0)
+    return [rng.choice(invalid) if rng.random() < invalid_share else rng.choice(valid) for _ in range(count)]
+
+
+def soak(url: str, pid: int, posts: list[Post], clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` threads sending `posts` for `seconds` to the server with process id `pid`: requests/s,
+    valid uploads answered right or failed (dropped), invalid ones refused with the expected 4xx or not,
+    5xx answers, and the server's RSS after a warm-up, at its peak and at the end."""
+    outcomes: list[tuple[Post, int, bytes]] = []
+
+    def record(post: Post, status: int, payload: bytes, seconds: float) -> None:
+        outcomes.append((post, status, payload))
+
+    run_clients(url, posts, 4, 2.0, lambda *outcome: None)  # warm-up
+    with RssSampler(pid) as rss:
+        wall = run_clients(url, posts, clients, seconds, record)
+    valid = [(post, status, payload) for post, status, payload in outcomes if post.label is not None]
+    dropped = [f"{status}: {payload[:200]!r}" for post, status, payload in valid
+               if status != 200 or _top1(payload) != post.label]
+    invalid = [(post, status) for post, status, _ in outcomes if post.label is None]
+    return {"clients": clients, "seconds": round(wall, 1), "requests": len(outcomes),
+            "requests_per_second": round(len(outcomes) / wall, 1), "valid_ok": len(valid) - len(dropped),
+            "valid_failed": len(dropped), "invalid_4xx": sum(400 <= status < 500 for _, status in invalid),
+            "invalid_unexpected_status": sum(status != post.status for post, status in invalid),
+            "server_errors": sum(status >= 500 for _, status, _ in outcomes),
+            "rss_start_mib": round(rss.samples[0], 1), "rss_max_mib": round(max(rss.samples), 1),
+            "rss_end_mib": round(rss.samples[-1], 1), "first_failures": dropped[:3]}
+
+
+def _top1(payload: bytes) -> str | None:
+    try:
+        return json.loads(payload)["predictions"][0]["predictions"][0]["label"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def bench_soak(run_dir: Path, clients: int, seconds: float, invalid_share: float) -> dict[str, Any]:
+    """`soak` against a fresh server run with SOAK_MAX_BYTES and SOAK_MAX_PIXELS, on the run's test images."""
+    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-soak-") as tmp, \
+            _server(run_dir, SOAK_SERVE_ARGS, Path(tmp) / "server.log") as (url, proc):
+        write_test_pngs(run_dir, Path(tmp) / "png", 256)
+        posts = soak_posts(run_dir, sorted((Path(tmp) / "png").glob("*.png")), invalid_share)
+        result = soak(url, proc.pid, posts, clients, seconds)
+        print(json.dumps(result), flush=True)
+        return result
 
 
 # ---------------------------------------------------------------- predict over a folder
