@@ -10,10 +10,14 @@ import io
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
+
+
+ORIENTATION = ExifTags.Base.Orientation
 
 
 class UnreadableImage(Exception):
@@ -37,15 +41,18 @@ def decode_image_bytes(data: bytes, first_frame_only: bool = False) -> torch.Ten
     """
     if not data:
         raise UnreadableImage("empty file")
-    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        # Pillow reads PNG: torchvision's decoder kills the process (SIGSEGV) on any error libpng
-        # reports mid-image (a bad checksum, missing pixel data), and returns palette indices as pixels.
-        if first_frame_only or _is_png(buffer):
-            raise ValueError("decode with Pillow")
-        image = decode_image(buffer, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
-    except (RuntimeError, ValueError):
+    # Pillow reads PNG: torchvision's decoder kills the process (SIGSEGV) on any error libpng
+    # reports mid-image (a bad checksum, missing pixel data), and returns palette indices as pixels.
+    # The signature test is looser than torchvision's (the first four bytes), so nothing it
+    # would take for a PNG gets to it.
+    if first_frame_only or data[1:4] == b"PNG":
         image = _read_with_pillow(io.BytesIO(data))
+    else:
+        try:
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                 mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+        except (RuntimeError, ValueError):
+            image = _read_with_pillow(io.BytesIO(data))
     if image.ndim == 4:  # animated GIF/WebP: keep the first frame
         image = image[0]
     if image.dtype != torch.uint8:  # 16-bit
@@ -53,15 +60,13 @@ def decode_image_bytes(data: bytes, first_frame_only: bool = False) -> torch.Ten
     return _drop_alpha(image)
 
 
-def _is_png(data: torch.Tensor) -> bool:
-    # looser than torchvision's test (the first four bytes), so nothing it takes for PNG gets to it
-    return bytes(data[1:4].tolist()) == b"PNG"
-
-
 def _read_with_pillow(source: Path | BinaryIO) -> torch.Tensor:
     try:
         with Image.open(source) as pil:
-            return _pil_with_alpha(ImageOps.exif_transpose(pil))
+            # exif_transpose copies the image even when there is nothing to turn: ask first
+            if pil.getexif().get(ORIENTATION, 1) != 1:
+                pil = ImageOps.exif_transpose(pil)
+            return _pil_with_alpha(pil)
     except UnidentifiedImageError:  # its message names a memory address when reading bytes
         raise UnreadableImage("not an image in a format either decoder reads") from None
     except Exception as exc:  # Pillow raises many types for broken files
@@ -81,7 +86,8 @@ def _pil_with_alpha(pil: Image.Image) -> torch.Tensor:
     gray = pil.mode in ("L", "LA", "La", "1", "F")
     alpha = pil.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in pil.info
     mode = ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
-    return TF.pil_to_tensor(pil.convert(mode))
+    array = np.asarray(pil if pil.mode == mode else pil.convert(mode))
+    return torch.from_numpy(array.copy()).reshape(*array.shape[:2], -1).permute(2, 0, 1).contiguous()
 
 
 def _drop_alpha(image: torch.Tensor) -> torch.Tensor:
