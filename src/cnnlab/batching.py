@@ -2,15 +2,18 @@
 
 Requests queue their images; a collector task takes up to `max_batch` of them, waiting at
 most `max_wait_ms` after the first for company, and runs the model in a worker thread so
-the event loop keeps accepting requests (and filling the next batch) meanwhile.
+the event loop keeps accepting requests (and filling the next batch) meanwhile. It waits
+only while some request is on its way (announced with `coming()`, still being read or
+decoded): a lone request runs at once instead of waiting for company that is not coming.
 """
 
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -35,6 +38,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000  # seconds
         self.stats = BatchStats()
+        self.on_the_way = 0  # requests announced with coming() that have not submitted yet
         self._queue: asyncio.Queue[Item] | None = None
         self._collector: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -54,15 +58,28 @@ class MicroBatcher:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._queue = self._collector = self._executor = None
 
-    async def submit(self, image: torch.Tensor) -> torch.Tensor:
-        """The model's output for one uint8 (C, H, W) image, once the batch it joined has run.
+    @contextmanager
+    def coming(self) -> Iterator[None]:
+        """Announce a request that will submit images once it has read and decoded them: while
+        any is on its way, a batch being gathered waits for it (up to max_wait_ms)."""
+        self.on_the_way += 1
+        try:
+            yield
+        finally:
+            self.on_the_way -= 1
 
+    async def submit(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The model's outputs for uint8 (C, H, W) images, once the batches they joined have run.
+
+        The images are queued together, so one request's images share a batch where they fit.
         All images submitted must have the same shape (the model's input size)."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((image, future))
-        return await future
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[torch.Tensor]] = [loop.create_future() for _ in images]
+        for image, future in zip(images, futures):
+            self._queue.put_nowait((image, future))
+        return list(await asyncio.gather(*futures))
 
     async def _collect(self) -> None:
         while True:
@@ -75,6 +92,8 @@ class MicroBatcher:
         batch = [await self._queue.get()]
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch:
+            if self._queue.empty() and self.on_the_way == 0:
+                break  # nobody else is coming: waiting for company would only add latency
             remaining = deadline - loop.time()
             try:
                 # after the deadline, still take what is already waiting: it queued during the last pass

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64, metavar="N",
                    help="most images one forward pass takes from concurrent requests (default: 64)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="M",
-                   help="longest wait for more requests to fill a batch, in milliseconds (default: 5)")
+                   help="longest wait for requests on their way to join a batch, in milliseconds (default: 5)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require this key in the X-API-Key header (default: $CNNLAB_API_KEY, or none)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes returned per image (default: 5)")

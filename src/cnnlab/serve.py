@@ -6,7 +6,6 @@ uvicorn. Concurrent requests share forward passes through `MicroBatcher`.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -119,11 +118,15 @@ class ModelService:
                   for i, upload in enumerate(uploads, 1)]
         return [resize(to_channels(image, clf.in_channels), clf.image_size) for image in images]
 
-    async def predict(self, uploads: list[Upload], top_k: int | None) -> PredictResponse:
-        images = await run_in_threadpool(self._prepare, uploads)
-        outputs = await asyncio.gather(*(self.batcher.submit(image) for image in images))
+    async def predict(self, request: Request, top_k: int | None = None) -> PredictResponse:
+        """Read, check and decode the request's images, then classify them in a shared batch;
+        a JSON body's top_k takes precedence over the query's."""
+        with self.batcher.coming():  # batches being gathered wait for this request's images
+            uploads, body_top_k = await read_uploads(request, self.max_bytes)
+            images = await run_in_threadpool(self._prepare, uploads)
+        outputs = await self.batcher.submit(images)
         self.requests += 1
-        k = min(top_k or self.top_k, self.card.num_classes)
+        k = min(body_top_k or top_k or self.top_k, self.card.num_classes)
         return PredictResponse(model=self.card.name, predictions=[
             ImagePrediction(filename=upload.filename, predictions=self._top(probs, k))
             for upload, probs in zip(uploads, outputs)])
@@ -228,8 +231,7 @@ async def predict(request: Request, service: Service,
                   ) -> PredictResponse:
     """Send image files as multipart/form-data (field `files`, repeated for several images) or JSON
     `{"images": ["<base64>", ...], "top_k": 3}`. Each image gets its top-k classes, most probable first."""
-    uploads, body_top_k = await read_uploads(request, service.max_bytes)
-    return await service.predict(uploads, body_top_k or top_k)
+    return await service.predict(request, top_k)
 
 
 @api.get("/model", tags=["model"], summary="The model card: architecture, classes, preprocessing, test accuracy")
