@@ -18,19 +18,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .datasets import DatasetBundle, Split, cache_dir, stratified_holdout
 from .errors import CnnlabError, first_line
 from .images import UnreadableImage, read_image, resize, to_channels
+from .predict import IMAGE_EXTENSIONS
 
 CACHE_VERSION = "2"
 MAX_AUTO_SIZE = 64  # the default image side is the median side, capped here
 SPLIT_NAMES = ("train", "val", "test")
 FLAT_HOLDOUT = 0.1  # test fraction of a folder without splits when --val-split is 0
-EXTENSIONS = IMG_EXTENSIONS + (".gif",)  # torchvision's list leaves out GIF, which both decoders read
 SKIPPED_FILE = "skipped.txt"  # in the run directory: every file left out, with the reason
 SHOWN = 3  # classes and files the warning names; skipped.txt lists them all
 
@@ -48,7 +47,7 @@ def _image_files(class_dir: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and f.lower().endswith(EXTENSIONS)]
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
     return files
 
 
@@ -63,7 +62,7 @@ def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     files = {split: [(f, i) for i, c in enumerate(classes) if (d / c).is_dir() for f in _image_files(d / c)]
              for split, d in split_dirs.items()}
     if not files["train"]:
-        raise CnnlabError(f"{split_dirs['train']} holds no image files ({', '.join(EXTENSIONS[:5])}, ...).")
+        raise CnnlabError(f"{split_dirs['train']} holds no image files ({', '.join(IMAGE_EXTENSIONS[:5])}, ...).")
     return classes, files
 
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from .errors import CnnlabError
 
-# Extensions picked up when walking folders; files named explicitly are tried whatever they are called.
+# Extensions picked up when walking folders (here and for folder datasets): torchvision's list
+# plus GIF, which both decoders read. Files named explicitly are tried whatever they are called.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 EXIT_NOTHING_CLASSIFIED = 1
 
