@@ -592,7 +592,7 @@ def test_folder_cache_is_reused_and_invalidated(numbered_folder, tmp_path, monke
     spec = f"folder:{numbered_folder}"
     cache = tmp_path / "cache" / "folders"
     first = load_dataset(spec, progress=False)
-    files = sorted(cache.glob("*.safetensors"))
+    files = prepared_dirs(cache)
     assert len(files) == 1 and files[0].name.startswith("numbered-")
 
     def no_decoding(path):
@@ -611,10 +611,15 @@ def test_folder_cache_is_reused_and_invalidated(numbered_folder, tmp_path, monke
             load_dataset(spec, progress=False)
     third = load_dataset(spec, progress=False)
     assert len(third.train) + len(third.val) == 31 and 99 in ids(third.train) + ids(third.val)
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert len(prepared_dirs(cache)) == 2
     # an explicit image size is a different cache entry too
     assert load_dataset(spec, image_size=4, progress=False).image_size == (4, 4)
-    assert len(list(cache.glob("*.safetensors"))) == 3
+    assert len(prepared_dirs(cache)) == 3
+
+
+def prepared_dirs(cache: Path) -> list[Path]:
+    """The prepared datasets in a cache's folders/ directory (not their lock files)."""
+    return sorted(p for p in cache.iterdir() if p.is_dir())
 
 
 def test_folder_cache_invalidated_by_modified_file(numbered_folder):
@@ -630,11 +635,11 @@ def test_folder_cache_invalidated_by_modified_file(numbered_folder):
 
 def test_folder_damaged_cache_is_rebuilt(numbered_folder, tmp_path):
     spec = f"folder:{numbered_folder}"
-    first = load_dataset(spec, progress=False)
-    (cache_file,) = (tmp_path / "cache" / "folders").glob("*.safetensors")
-    cache_file.write_bytes(b"\0" * 100)
+    expected = load_dataset(spec, progress=False).train.images[:]  # read now: the file itself is damaged next
+    (prepared,) = prepared_dirs(tmp_path / "cache" / "folders")
+    (prepared / "train.images.u8").write_bytes(b"\0" * 100)
     second = load_dataset(spec, progress=False)
-    assert torch.equal(second.train.images, first.train.images)
+    assert torch.equal(second.train.images, expected)
 
 
 def test_folder_cache_sees_new_empty_class(numbered_folder):

@@ -133,7 +133,7 @@ def test_ema_tta_and_progressive_resizing(tmp_path: Path) -> None:
     model.json and applied by evaluate exactly as by training's own test pass."""
     run = cnnlab.train(dataset="fashion-mnist", limit_train=1500, epochs=2, batch_size=100, lr=0.1, val_split=0.0,
                        ema_decay=0.9, tta="flip-translate", low_res=20, low_res_epochs=1, eval_test=True,
-                       out=str(tmp_path / "run"), progress=False)
+                       model_args={"widths": [16, 32, 64]}, out=str(tmp_path / "run"), progress=False)
     meta = json.loads((run / "model.json").read_text())
     assert meta["tta"] == "flip-translate" and meta["tta_flip"] is True
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -144,3 +144,48 @@ def test_ema_tta_and_progressive_resizing(tmp_path: Path) -> None:
     averaged = cnnlab.Classifier.load(run).model.state_dict()
     raw = state["model"]
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())
+
+
+def test_whitened_first_layer_decorrelates_patches_and_stays_frozen(fmnist, tmp_path: Path) -> None:
+    from torch.nn.functional import unfold
+
+    from cnnlab.models import create_model, whiten_first_conv
+
+    images = (fmnist.train.images[:2000].float() / 255 - 0.286) / 0.353
+    model = create_model("fastnet", 1, 10)
+    assert whiten_first_conv(model, images.split(300)) == 18  # 9 components of 3x3 grey patches, +/-
+    conv = model.features[0]
+    assert not conv.weight.requires_grad
+    # the filters' responses to the image patches are decorrelated, each with variance
+    # lambda / (lambda + eps) for its component's variance lambda: about 1 for strong ones
+    patches = unfold(images, 3, padding=1).transpose(1, 2).reshape(-1, 9).double()
+    responses = patches @ conv.weight[:9].reshape(9, 9).double().T
+    cov = responses.T @ responses / len(responses)
+    strength = torch.linalg.eigvalsh(patches.T @ patches / len(patches))
+    assert torch.allclose(cov.diagonal(), strength / (strength + 1e-2), atol=1e-4)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-4
+    assert torch.equal(conv.weight[9:18], -conv.weight[:9])
+    # through a real training run the first layer keeps its pairs: it was never trained
+    run = cnnlab.train(dataset="fashion-mnist", limit_train=1024, epochs=1, whiten=True, out=str(tmp_path / "w"),
+                       progress=False)
+    weights = saved_weights(run)
+    first, pairs = weights["features.0.weight"], weights["features.0.weight"].shape[0] // 2  # 8 pairs in `fast`
+    assert torch.equal(first[pairs:2 * pairs], -first[:pairs]) and first[:pairs].abs().sum() > 0
+    later = weights["features.4.weight"]
+    assert not torch.equal(later[pairs:2 * pairs], -later[:pairs])
+
+
+def saved_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_translate_off_epochs_trains_the_last_epochs_unshifted(tmp_path: Path) -> None:
+    common = dict(dataset="fashion-mnist", model="lenet5", precision="fp32", limit_train=512, epochs=1, batch_size=128,
+                  flip="off", whiten=False, translate_off_epochs=0, progress=False)
+    plain = cnnlab.train(**common, translate=0, out=str(tmp_path / "plain"))
+    off = cnnlab.train(**{**common, "translate_off_epochs": 1}, translate=2, out=str(tmp_path / "off"))
+    shifted = cnnlab.train(**common, translate=2, out=str(tmp_path / "shifted"))
+    w = {name: saved_weights(run) for name, run in [("plain", plain), ("off", off), ("shifted", shifted)]}
+    assert all(torch.equal(w["plain"][k], w["off"][k]) for k in w["plain"])
+    assert not all(torch.equal(w["plain"][k], w["shifted"][k]) for k in w["plain"])

@@ -79,6 +79,26 @@ def bench_baseline(dataset: str, workdir: Path, epochs: int) -> dict[str, Any]:
     return {**result, "process_seconds": round(wall, 1), "peak_rss_mib": rss}
 
 
+def bench_ddp(nprocs: list[int], recipe: str, extra: list[str]) -> str:
+    """The same training in 1 and in N data-parallel processes, one after another."""
+    rows = ["| processes | train s | test accuracy | train img/s | peak RSS per process MiB | peak RSS total MiB "
+            "| process wall s |", "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-ddp-") as tmp:
+        for n in nprocs:
+            out = Path(tmp) / f"n{n}"
+            wall, code, _ = _run_child([sys.executable, "-m", "cnnlab", "train", "--recipe", recipe, "--nproc", str(n),
+                                        "--no-progress", "--out", str(out), *extra])
+            if code != 0:
+                rows.append(f"| {n} | failed: exit status {code} | | | | | |")
+                continue
+            s = json.loads((out / "summary.json").read_text())
+            rss = s["peak_rss_mib"]
+            rows.append(f"| {n} | {s['train_seconds']:.1f} | {100 * s['test_accuracy']:.2f}% | "
+                        f"{s['images_per_second']:.0f} | {' / '.join(map(str, rss))} | {sum(rss)} | {wall:.1f} |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def run_baseline(dataset: str, epochs: int, json_out: Path) -> None:
     """The conventional way: torchvision dataset object, per-sample transforms, DataLoader, the
     `simple` model, Adadelta (lr 1.0, x0.7 per epoch), batch 64, fp32, as in PyTorch's MNIST example."""
@@ -275,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--images", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=256)
+    p = sub.add_parser("ddp", help="one training run in 1 and in N processes (cnnlab train --nproc): time, accuracy, RSS")
+    p.add_argument("--nproc", default="1,2", help="comma-separated numbers of processes")
+    p.add_argument("--recipe", default="fast")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `cnnlab train` flags after --")
     p = sub.add_parser("_baseline")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=5)
@@ -295,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
             bench_soak(ns.run_dir, ns.clients, ns.seconds, ns.invalid_share)
         else:
             bench_predict(ns.run_dir, ns.images, ns.batch_size)
+        return 0
+    if ns.command == "ddp":
+        print(f"machine: {machine()}")
+        print(bench_ddp([int(n) for n in ns.nproc.split(",")], ns.recipe, [a for a in ns.train_args if a != "--"]))
         return 0
     if ns.command == "levers":
         print(f"machine: {machine()}")

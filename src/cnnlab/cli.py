@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Sequence
 
@@ -70,18 +71,48 @@ def _config_from_flags(ns: argparse.Namespace) -> TrainConfig:
     return make_config(**{**file_values, **values})
 
 
+_RESUME_FLAGS = ("progress", "threads", "dist_timeout")  # settings of the machine, not of the run
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
+    from . import distributed
     from .trainer import train
 
     if ns.resume:
-        given = sorted(k for k in vars(ns) if k in field_types() and k not in ("progress", "threads"))
+        given = sorted(k for k in vars(ns) if k in field_types() and k not in _RESUME_FLAGS)
         if given or ns.config or ns.model_arg:
             flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--config/--model-arg"
             raise CnnlabError(f"--resume continues a run with its own config.yaml; drop {flags}.")
-        train(resume=ns.resume, **{k: getattr(ns, k) for k in ("progress", "threads") if hasattr(ns, k)})
-        return 0
-    train(_config_from_flags(ns))
+        config = None
+    else:
+        config = _config_from_flags(ns)
+    if ns.nproc is not None and not distributed.launched():
+        if ns.nproc < 1:
+            raise CnnlabError(f"--nproc must be at least 1, got {ns.nproc}.")
+        if config is not None and config.batch_size % ns.nproc:
+            raise CnnlabError(f"--batch-size {config.batch_size} must be divisible by --nproc {ns.nproc} "
+                              "(it is the global batch, shared out equally).")
+        if ns.nproc > 1:  # the same command again in N processes, through torchrun's launcher
+            return distributed.launch(ns.nproc, _without_nproc(ns.argv), getattr(ns, "dist_timeout", 300.0))
+    if config is None:
+        train(resume=ns.resume, **{k: getattr(ns, k) for k in _RESUME_FLAGS if hasattr(ns, k)})
+    else:
+        train(config)
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The train arguments after `train`, less --nproc N."""
+    args = list(argv[argv.index("train") + 1:])
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
@@ -111,6 +142,21 @@ def cmd_datasets(ns: argparse.Namespace) -> int:
 
         path = show_dataset(ns.name, ns.out, per_class=ns.per_class, split=ns.split)
         print(f"wrote {path}")
+        return 0
+    if ns.action == "prepare":
+        from .folder import prepare_folder
+
+        if not ns.name.startswith("folder:"):
+            raise CnnlabError(f"`datasets prepare` converts folder:PATH datasets, not {ns.name!r} "
+                              "(the built-in datasets need no preparing).")
+        done = prepare_folder(ns.name[len("folder:"):], image_size=ns.image_size, workers=ns.workers,
+                              progress=not ns.no_progress)
+        counts = " / ".join(f"{n:,} {split}" for split, n in done.counts.items())
+        rate = sum(done.counts.values()) / max(done.seconds, 1e-9)
+        took = f"converted in {done.seconds:.1f} s ({rate:,.0f} images/s)" if done.converted else "already prepared"
+        print(f"prepared folder:{done.root}: {counts} images, {done.image_size}x{done.image_size} "
+              f"{'RGB' if done.channels == 3 else 'grayscale'} ({done.nbytes / 2**20:,.1f} MiB) in {done.cache}; "
+              f"{took}; {len(done.skipped):,} file{'' if len(done.skipped) == 1 else 's'} skipped")
         return 0
 
     for name, description, where in dataset_status():
@@ -197,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model into a run directory")
     _add_config_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--nproc", type=int, metavar="N", help="train data-parallel in N local processes "
+                   "(the same as torchrun --standalone --nproc-per-node N -m cnnlab train ...)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test a trained model: accuracy, per-class metrics, confusion matrix")
@@ -250,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (default: RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("datasets", help="list datasets and where each was found; `datasets show NAME` draws samples")
+    p = sub.add_parser("datasets", help="list datasets and where each was found; `datasets show NAME` draws samples, "
+                       "`datasets prepare folder:PATH` converts a folder")
     p.set_defaults(func=cmd_datasets, action=None)
     actions = p.add_subparsers(dest="action", parser_class=_Parser)
     q = actions.add_parser("show", help="save a grid of sample images with their class names")
@@ -258,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, metavar="FILE.png", help="output image (default: NAME-samples.png)")
     q.add_argument("--per-class", type=int, default=8, metavar="N", help="images per class (default: 8)")
     q.add_argument("--split", choices=("train", "test"), default="train", help="(default: train)")
+    q = actions.add_parser("prepare", help="convert folder:PATH to the on-disk cache that training reads "
+                           "(the first `train` does it otherwise)")
+    q.add_argument("name", metavar="folder:PATH", help="a folder of class sub-folders")
+    q.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="image side in pixels (default: the median side, capped at 64)")
+    q.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="decoding threads (default: one per CPU, at most 8)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, confusion, calibration, top losses, Grad-CAM")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -287,11 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
+    ns.argv = argv
     try:
         return ns.func(ns)
     except CnnlabError as exc:
-        print(f"cnnlab: error: {exc}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # each process of a distributed run names itself
+        print(f"cnnlab: error{f' (process {rank})' if rank else ''}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)

@@ -36,12 +36,15 @@ class TrainConfig:
     download: bool = _opt(True, "download torchvision datasets that are not on disk")
     # augmentation (whole-batch tensor ops)
     translate: int = _opt(2, "random translation in pixels (reflect-padded random crop); 0 = off")
+    translate_off_epochs: int = _opt(0, "train the last N epochs without random translation (flips stay)")
     low_res: int | None = _opt(None, "progressive resizing: image side for the first --low-res-epochs epochs")
     low_res_epochs: int = _opt(0, "epochs trained at --low-res before switching to the full size")
     flip: str = _opt("auto", "random horizontal flips: auto = on unless the dataset is digits", ("auto", "on", "off"))
     # model
     model: str = _opt("fastnet", "architecture (see `cnnlab models`), or tv:NAME for torchvision's")
     model_args: dict = _opt({}, "keyword arguments for the architecture, e.g. {widths: [32, 64, 128]}")
+    whiten: bool = _opt(False, "start the first convolution as whitening filters of the training images' patches, "
+                               "frozen (faster early learning)")
     # optimisation
     epochs: int = _opt(4, "passes over the training set")
     batch_size: int = _opt(256, "images per optimiser step")
@@ -62,6 +65,9 @@ class TrainConfig:
     precision: str = _opt("auto", "auto = bf16 autocast where the hardware supports it", ("auto", "bf16", "fp32"))
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     threads: int | None = _opt(None, "CPU threads for PyTorch (default: PyTorch's choice)")
+    # distributed (torchrun or --nproc)
+    sync_bn: bool = _opt(False, "share batch-norm statistics across distributed processes (SyncBatchNorm; GPUs only)")
+    dist_timeout: float = _opt(300.0, "seconds a distributed process waits for the others before it gives up")
     # output
     out: str | None = _opt(None, "run directory (default: runs/<dataset>-<model>-<timestamp>)")
     progress: bool = _opt(True, "show a progress bar per epoch")
@@ -83,6 +89,8 @@ class TrainConfig:
             raise CnnlabError(f"--low-res must be at least 8 pixels, got {self.low_res}.")
         if self.checkpoint_every_steps < 0:
             raise CnnlabError(f"--checkpoint-every-steps must not be negative, got {self.checkpoint_every_steps}.")
+        if self.translate_off_epochs < 0:
+            raise CnnlabError(f"--translate-off-epochs must not be negative, got {self.translate_off_epochs}.")
         if self.low_res_epochs < 0:
             raise CnnlabError(f"--low-res-epochs must not be negative, got {self.low_res_epochs}.")
         if not 0 <= self.val_split < 1:
@@ -98,6 +106,8 @@ class TrainConfig:
             raise CnnlabError(f"--ema-decay must be in [0, 1), got {self.ema_decay}.")
         if not 0 <= self.momentum < 1:
             raise CnnlabError(f"--momentum must be in [0, 1), got {self.momentum}.")
+        if not self.dist_timeout > 0:
+            raise CnnlabError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}.")
         if self.threads is not None and self.threads < 1:
             raise CnnlabError(f"--threads must be at least 1, got {self.threads}.")
         for f in dataclasses.fields(self):

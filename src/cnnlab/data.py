@@ -17,6 +17,7 @@ from .datasets import Split
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 (N, C, H, W) images, on the 0-1 scale."""
+    chunk = max(1, min(chunk, (1 << 20) // max(1, images.shape[1:].numel())))  # <= 8 MiB of float64 a step
     total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
     total_sq = torch.zeros_like(total)
     for start in range(0, len(images), chunk):
@@ -43,14 +44,17 @@ class Normalize:
         return (x * self.scale - self.shift).contiguous(memory_format=self.memory_format)
 
 
-def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to `pad` pixels (a reflect-padded random crop), as one gather."""
-    if pad == 0:
-        return x
+def translate_draws(n: int, pad: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (dy, dx) offsets in [0, 2 * pad] for n images."""
+    return (torch.randint(0, 2 * pad + 1, (n,), generator=gen),
+            torch.randint(0, 2 * pad + 1, (n,), generator=gen))
+
+
+def translate(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Crop each image of the reflect-padded batch at its (dy, dx) offset, as one gather."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dy, dx = dy.to(x.device), dx.to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n, 1, h, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (n, 1, 1, w)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
@@ -58,19 +62,37 @@ def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.T
     return padded[batch, chan, rows, cols]
 
 
+def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to `pad` pixels (a reflect-padded random crop)."""
+    return translate(x, pad, *translate_draws(len(x), pad, gen)) if pad else x
+
+
+def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror the images where `mask` (bool, one per image) is set."""
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(3), x)
+
+
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left-right."""
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(mask, x.flip(3), x)
+    return flip_where(x, torch.rand(x.shape[0], generator=gen) < 0.5)
 
 
 class BatchLoader:
-    """Seeded shuffled batches of (normalised, augmented images, labels) from an in-memory split."""
+    """Seeded shuffled batches of (normalised, augmented images, labels) from a split.
+
+    In data-parallel training every rank builds the same loader with its own `rank`: all draw
+    the same order and augmentation for each global batch of `batch_size` images, and rank r
+    keeps the r-th of `world` equal slices of it, so the ranks' shards are disjoint and
+    together are exactly the batch one process would have trained on."""
 
     def __init__(self, split: Split, batch_size: int, normalize: Normalize, *, shuffle: bool,
-                 translate: int = 0, flip: bool = False, seed: int = 0, drop_last: bool = False):
+                 translate: int = 0, flip: bool = False, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
         self.split, self.batch_size, self.normalize = split, batch_size, normalize
         self.shuffle, self.translate, self.flip = shuffle, translate, flip
+        self.rank, self.world = rank, world
         # Dropping the ragged last batch keeps batch-norm statistics sane; never drop everything.
         self.drop_last = drop_last and len(split) >= batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -103,9 +125,17 @@ class BatchLoader:
             self.generator.set_state(now_state)  # the augmentation draws continue where they stopped
         for i in range(start, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            # draws for the whole global batch, in one fixed order, whatever this rank keeps
+            shifts = translate_draws(len(index), self.translate, self.generator) if self.translate else None
+            flips = torch.rand(len(index), generator=self.generator) < 0.5 if self.flip else None
+            mine = slice(None)
+            if self.world > 1:
+                per_rank = self.batch_size // self.world
+                mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+                index = index[mine]
             x = self.normalize(self.split.images[index])
-            if self.translate:
-                x = random_translate(x, self.translate, self.generator)
-            if self.flip:
-                x = random_flip(x, self.generator)
+            if shifts is not None:
+                x = translate(x, self.translate, shifts[0][mine], shifts[1][mine])
+            if flips is not None:
+                x = flip_where(x, flips[mine])
             yield x, self.split.labels[index].to(self.normalize.device, non_blocking=True)

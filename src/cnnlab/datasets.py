@@ -1,7 +1,8 @@
 """Dataset sources: Fashion-MNIST, MNIST, CIFAR-10/100 and `folder:PATH`, by name.
 
-Every source returns a `DatasetBundle`: whole splits as uint8 tensors (N, C, H, W) plus
-int64 labels, the class names, and whether horizontal flips keep labels valid.
+Every source returns a `DatasetBundle`: whole splits as uint8 (N, C, H, W) images (tensors, or
+raw files on disk for folders) plus int64 labels, the class names, and whether horizontal
+flips keep labels valid.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ import numpy as np
 import torch
 
 from .errors import CnnlabError, DatasetNotFound
+from .prepared import DiskImages
 
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor | DiskImages  # uint8 (N, C, H, W); on disk for folder datasets
     labels: torch.Tensor  # int64 (N,)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index])
+        """The rows at `index`; a split on disk stays there (nothing is read)."""
+        images = self.images.subset(index) if isinstance(self.images, DiskImages) else self.images[index]
+        return Split(images, self.labels[index])
 
 
 @dataclass

@@ -111,7 +111,15 @@ def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize uint8 (..., C, H, W) to `size` (H, W) with antialiasing; a no-op when it matches."""
+    """Resize uint8 (..., C, H, W) to `size` (H, W) with antialiasing; a no-op when it matches.
+
+    A split on disk (cnnlab.prepared.DiskImages) is resized a slice at a time into one
+    tensor in memory, so only the result need fit."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
+    if not isinstance(image, torch.Tensor):
+        out = torch.empty((*image.shape[:-2], *size), dtype=image.dtype)
+        for start, rows in image.slices():
+            out[start:start + len(rows)] = TF.resize(rows, list(size), antialias=True)
+        return out
     return TF.resize(image, list(size), antialias=True)

@@ -23,9 +23,11 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .data import BatchLoader, Normalize, channel_stats
 from .engine import autocast
+from . import distributed
 from .errors import CnnlabError
 from .models import check_model_name, create_model
-from .trainer import _prepare_data, _train_loaders, bf16_supported, default_run_dir, make_optimizer, resolve_device
+from .trainer import (_prepare_data, _train_loaders, bf16_supported, default_run_dir, make_optimizer,
+                      resolve_device, whiten)
 
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
 LAG = 0.04  # lag of the loss smoothing, as a fraction of the sweep (0.2 decades over 1e-4..10)
@@ -84,6 +86,8 @@ def lr_find(config: TrainConfig, min_lr: float = 1e-4, max_lr: float = 10.0, ste
     loader, in_channels, classes = _loader(config, device)
     model = create_model(config.model, in_channels, classes, **config.model_args).to(
         device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    if config.whiten:  # the first layer training would start from
+        whiten(model, loader.split, loader.normalize)
     lrs, losses = _sweep(model, loader, config, min_lr, max_lr, steps, bf16)
     suggestion = suggest_lr(lrs, losses)
     plot = _output_path(config, out)
@@ -100,12 +104,12 @@ def _check(min_lr: float, max_lr: float, steps: int) -> None:
 
 def _loader(config: TrainConfig, device: torch.device) -> tuple[BatchLoader, int, int]:
     """The training batches exactly as `train` would draw them (subset, hold-out, augmentation)."""
-    bundle = _prepare_data(config)
+    bundle = _prepare_data(config, config.progress)
     if device.type == "cuda":
         bundle.train.images, bundle.train.labels = bundle.train.images.to(device), bundle.train.labels.to(device)
     normalize = Normalize(*channel_stats(bundle.train.images), device, config.channels_last)
     flip = {"on": True, "off": False}.get(config.flip, bundle.allow_flip)
-    loader, _ = _train_loaders(config, bundle, normalize, flip)
+    loader, _ = _train_loaders(config, bundle, normalize, flip, distributed.SINGLE)
     return loader, bundle.in_channels, len(bundle.class_names)
 
 

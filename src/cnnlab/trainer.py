@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import resource
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,19 +19,20 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, save_checkpoint, save_model, write_json
 from .config import TrainConfig, load_yaml, make_config, save_yaml
 from .data import BatchLoader, Normalize, channel_stats
 from .datasets import DatasetBundle, Split, load_dataset, stratified_subset
-from .engine import Totals, TrainingDiverged, accuracy, predict_logits, train_one_epoch
+from .engine import Totals, TrainingDiverged, predict_logits, train_one_epoch
 from .errors import CnnlabError
 from .folder import write_skipped
 from .images import resize
-from .models import check_model_name, count_parameters, create_model
+from .models import check_model_name, count_parameters, create_model, whiten_first_conv
 from .tblog import TensorBoardLog, require_tensorboard
 
 EVAL_BATCH = 1024  # images per forward pass when evaluating: no gradients, so larger is cheaper
+WHITEN_SAMPLE = 10_000  # training images whose patches give the --whiten filters
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,23 +119,40 @@ def _ema_with_warmup(decay: float):
     return update
 
 
+def peak_rss_mib() -> int:
+    """This process's peak resident memory, MiB. VmHWM where /proc has it: on Linux ru_maxrss
+    keeps, across exec, the peak of the process that forked this one (a launcher's, a test
+    runner's), so it can exceed what this process ever used."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) // 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def _log(text: str) -> None:
     print(text, flush=True)
 
 
-def _prepare_data(config: TrainConfig) -> DatasetBundle:
+def _quiet(text: str) -> None:
+    """What processes other than rank 0 print: nothing."""
+
+
+def _prepare_data(config: TrainConfig, progress: bool) -> DatasetBundle:
     bundle = load_dataset(config.dataset, val_split=config.val_split, seed=config.seed,
-                          image_size=config.image_size, download=config.download, progress=config.progress)
+                          image_size=config.image_size, download=config.download, progress=progress)
     if config.limit_train is not None:
         bundle.train = bundle.train.subset(stratified_subset(bundle.train.labels, config.limit_train, config.seed))
     return bundle
 
 
-def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normalize,
-                   flip: bool) -> tuple[BatchLoader, BatchLoader | None]:
-    """The training batches, and with progressive resizing those of a downscaled copy."""
+def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normalize, flip: bool,
+                   ctx: distributed.Context) -> tuple[BatchLoader, BatchLoader | None]:
+    """The training batches (this process's shard of them), and with progressive resizing
+    those of a downscaled copy."""
+    shard = dict(rank=ctx.rank, world=ctx.world)
     train_loader = BatchLoader(bundle.train, config.batch_size, normalize, shuffle=True, translate=config.translate,
-                               flip=flip, seed=config.seed, drop_last=True)
+                               flip=flip, seed=config.seed, drop_last=True, **shard)
     if not (config.low_res and config.low_res_epochs and config.low_res < min(bundle.image_size)):
         return train_loader, None
     # Early epochs on a downscaled copy cost (low/full)^2 of the compute, and the networks
@@ -141,16 +160,44 @@ def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normal
     low = Split(resize(bundle.train.images, (config.low_res, config.low_res)), bundle.train.labels)
     translate = max(1, config.translate * config.low_res // min(bundle.image_size)) if config.translate else 0
     low_loader = BatchLoader(low, config.batch_size, normalize, shuffle=True, translate=translate, flip=flip,
-                             drop_last=True)
+                             drop_last=True, **shard)
     low_loader.generator = train_loader.generator
     return train_loader, low_loader
+
+
+def _eval_loader(split: Split, normalize: Normalize, ctx: distributed.Context) -> BatchLoader:
+    """Evaluation batches of this process's contiguous share of `split` (all of it when alone)."""
+    if ctx.active:
+        start, end = distributed.shard_rows(len(split), ctx)
+        split = split.subset(torch.arange(start, end))
+    return BatchLoader(split, EVAL_BATCH, normalize, shuffle=False)
+
+
+def _accuracy(ctx: distributed.Context, model: nn.Module, loader: BatchLoader, **kw: Any) -> float:
+    """Accuracy over the whole split: each process scores its share, the counts are summed."""
+    correct, total = 0, 0
+    if len(loader.split):  # a process's share can be empty when a split has fewer images than processes
+        logits, labels = predict_logits(model, loader, **kw)
+        correct, total = (logits.argmax(1) == labels).sum(), len(labels)
+    correct, total = distributed.sum_across(ctx, correct, total)
+    return correct / total if total else float("nan")
+
+
+def whiten(model: nn.Module, split: Split, normalize: Normalize) -> None:
+    """--whiten: the first layer from a fixed sample of the training images (so every process
+    of a distributed run agrees), read a few MiB at a time."""
+    sample, step = min(len(split), WHITEN_SAMPLE), max(1, 2 ** 16 // math.prod(split.images.shape[2:]))
+    whiten_first_conv(model, (normalize(split.images[i:min(i + step, sample)]) for i in range(0, sample, step)))
 
 
 def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = None, **overrides: Any) -> Path:
     """Train a model; returns the run directory. Keyword arguments are TrainConfig fields.
 
     resume: a run directory to continue from its last checkpoint (mid-epoch included) with its
-    own config.yaml; the result equals an uninterrupted run's on the same machine."""
+    own config.yaml; the result equals an uninterrupted run's on the same machine.
+
+    Started by torchrun (or `cnnlab train --nproc N`), each process trains its shard of every
+    batch with DistributedDataParallel and rank 0 alone writes the run directory."""
     state = None
     if resume is not None:
         config, state = _resume_state(Path(resume), overrides)
@@ -164,24 +211,49 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
         require_tensorboard()
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    distributed.check_sync_bn(config.sync_bn, device)
+    ctx, device = distributed.setup(device, config.dist_timeout)
+    run_dir: Path | None = Path(resume) if resume is not None else None
+    try:
+        return _train(config, state, run_dir, ctx, device)
+    except CnnlabError:
+        raise
+    except Exception as exc:
+        if ctx.active and distributed.is_peer_failure(exc):
+            raise CnnlabError(distributed.peer_failure_message(run_dir or config.out or "the run directory", exc)) from None
+        raise
+    finally:
+        distributed.teardown()
+
+
+def _train(config: TrainConfig, state: dict[str, Any] | None, run_dir: Path | None, ctx: distributed.Context,
+           device: torch.device) -> Path:
+    log = _log if ctx.main else _quiet
+    if config.batch_size % ctx.world:
+        raise CnnlabError(f"--batch-size {config.batch_size} must be divisible by the {ctx.world} processes "
+                          "(it is the global batch, shared out equally).")
+    torch.manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(device))
 
     # data
-    bundle = _prepare_data(config)
+    bundle = _prepare_data(config, progress=config.progress and ctx.main)
     if device.type == "cuda":  # the whole uint8 training set on the GPU: batches never cross the bus
         bundle.train = Split(bundle.train.images.to(device), bundle.train.labels.to(device))
     mean, std = channel_stats(bundle.train.images)
     normalize = Normalize(mean, std, device, config.channels_last)
     flip = {"on": True, "off": False}.get(config.flip, bundle.allow_flip)
-    train_loader, low_loader = _train_loaders(config, bundle, normalize, flip)
-    val_loader = BatchLoader(bundle.val, EVAL_BATCH, normalize, shuffle=False) if bundle.val is not None else None
-    test_loader = BatchLoader(bundle.test, EVAL_BATCH, normalize, shuffle=False)
+    train_loader, low_loader = _train_loaders(config, bundle, normalize, flip, ctx)
+    val_loader = _eval_loader(bundle.val, normalize, ctx) if bundle.val is not None else None
+    test_loader = _eval_loader(bundle.test, normalize, ctx)
 
-    # model, optimiser, schedule
+    # model, optimiser, schedule (DDP starts every process from rank 0's weights)
     model = create_model(config.model, bundle.in_channels, len(bundle.class_names), **config.model_args)
     model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    if config.whiten:
+        whiten(model, bundle.train, normalize)
+    net = distributed.wrap(model, ctx, device, config.sync_bn)  # what the training steps run
+    model = net.module if ctx.active else model
     optimizer = make_optimizer(model, config)
     scheduler = make_schedule(optimizer, config, len(train_loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -190,41 +262,47 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
         ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(config.ema_decay), use_buffers=True)
     final = ema.module if ema is not None else model  # the weights that are evaluated and saved
 
-    run_dir = Path(resume) if resume is not None else Path(config.out) if config.out else default_run_dir(config)
     progress = _Progress()
     if state is not None:
-        progress = _restore(state, model, optimizer, scheduler, ema, run_dir)
-        _log(f"resuming {run_dir} at epoch {progress.epochs_done + 1}, batch {progress.step + 1}")
+        progress = _restore(state, model, optimizer, scheduler, ema, run_dir, ctx)
+        log(f"resuming {run_dir} at epoch {progress.epochs_done + 1}, batch {progress.step + 1}")
     else:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CnnlabError(f"Cannot write {run_dir}: {exc.strerror or exc}.") from None
-        atomic_write(run_dir / "config.yaml", lambda tmp: save_yaml(config, tmp))
-        atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(""))
-        write_skipped(run_dir, bundle.skipped)
-    tensorboard = TensorBoardLog(run_dir / "tensorboard") if config.tensorboard else None
-    _log(f"training {config.model} ({count_parameters(model):,} parameters) on {bundle.name}: "
-         f"{len(bundle.train):,} train / {len(bundle.val) if bundle.val else 0:,} val / {len(bundle.test):,} test images, "
-         f"{device.type}{' bf16' if bf16 else ''} -> {run_dir}")
+        run_dir = distributed.broadcast_object(ctx, Path(config.out) if config.out else default_run_dir(config))
+        problem = _start_run_dir(run_dir, config, bundle) if ctx.main else None
+        problem = distributed.broadcast_object(ctx, problem)  # every process stops, not only rank 0
+        if problem:
+            raise CnnlabError(problem)
+    tensorboard = TensorBoardLog(run_dir / "tensorboard") if config.tensorboard and ctx.main else None
+    processes = f", {ctx.world} processes" if ctx.active else ""
+    log(f"training {config.model} ({count_parameters(model):,} parameters) on {bundle.name}: "
+        f"{len(bundle.train):,} train / {len(bundle.val) if bundle.val else 0:,} val / {len(bundle.test):,} test images, "
+        f"{device.type}{' bf16' if bf16 else ''}{processes} -> {run_dir}")
 
     def checkpoint(loader: BatchLoader, totals: Totals | None = None, step: int = 0) -> None:
-        """Save the training state; mid-epoch (step > 0) with the epoch's running sums."""
+        """Save the training state; mid-epoch (step > 0) with the epoch's running sums (every
+        process's, in a distributed run). Every process calls this; rank 0 writes."""
         if totals is not None and not torch.isfinite(totals.loss):
             raise TrainingDiverged(f"The loss became {totals.loss.item()} in epoch {progress.epochs_done + 1}")
         progress.step = step
+        sums = None if totals is None else {"loss": totals.loss.cpu(), "correct": totals.correct.cpu(),
+                                            "seen": totals.seen, "seconds": totals.seconds}
+        rngs = distributed.gather_objects(ctx, (torch.get_rng_state(), sums))
+        if not ctx.main:
+            return
         save_checkpoint(run_dir / CHECKPOINT_FILE, {
             "epochs_done": progress.epochs_done, "step": progress.step, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "loader": loader.state(),
-            "totals": None if totals is None else {"loss": totals.loss.cpu(), "correct": totals.correct.cpu(),
-                                                   "seen": totals.seen, "seconds": totals.seconds},
+            "scheduler": scheduler.state_dict(), "loader": loader.state(),
+            "torch_rng": rngs[0][0] if not ctx.active else [r for r, _ in rngs],
+            "totals": sums if not ctx.active else [t for _, t in rngs], "world": ctx.world,
             "train_seconds": progress.train_seconds, "images_seen": progress.images_seen,
             "best_val": progress.best_val})
 
     try:
         for epoch in range(progress.epochs_done + 1, config.epochs + 1):
             loader = low_loader if low_loader is not None and epoch <= config.low_res_epochs else train_loader
+            if loader is train_loader:  # the last epochs may see the images unshifted
+                loader.translate = 0 if epoch > config.epochs - config.translate_off_epochs else config.translate
             totals = None
             if progress.step:  # an interrupted epoch: same order, same random draws, same sums
                 loader.resume_at(progress.loader_state, progress.step)
@@ -238,29 +316,34 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
                 if every and (step + 1) % every == 0 and step + 1 < len(loader):
                     checkpoint(loader, sums, step + 1)
 
-            stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, bf16=bf16, epoch=epoch, ema=ema,
-                                    progress=config.progress, start=progress.step, totals=totals,
+            stats = train_one_epoch(net, loader, optimizer, scheduler, loss_fn, bf16=bf16, epoch=epoch, ema=ema,
+                                    progress=config.progress and ctx.main, start=progress.step, totals=totals,
                                     after_step=after_step)
+            if ctx.active:  # the epoch's loss and accuracy over all processes' images
+                loss_sum, correct, seen = distributed.sum_across(ctx, stats.loss * stats.images,
+                                                                 stats.accuracy * stats.images, stats.images)
+                stats.loss, stats.accuracy, stats.images = loss_sum / seen, correct / seen, int(seen)
+                distributed.sync_buffers(ctx, model)  # one set of batch-norm statistics: rank 0's
             progress.loader_state, progress.step = None, 0
             progress.train_seconds += stats.seconds
             progress.images_seen += stats.images
-            val_acc = accuracy(*predict_logits(final, val_loader, bf16=bf16)) if val_loader else None
+            val_acc = _accuracy(ctx, final, val_loader, bf16=bf16) if val_loader else None
             if val_acc is not None and not val_acc <= progress.best_val:
                 progress.best_val = val_acc
             record = {"epoch": epoch, "elapsed_seconds": round(progress.train_seconds, 3), "train_loss": stats.loss,
                       "train_accuracy": stats.accuracy, "val_accuracy": val_acc,
                       "lr": optimizer.param_groups[0]["lr"], "images_per_second": round(stats.images_per_second, 1)}
             if config.eval_test:
-                record["test_accuracy"] = accuracy(*predict_logits(final, test_loader, bf16=bf16, tta=config.tta,
-                                                                   flip=flip))
-            _append_metrics(run_dir, record)
-            if tensorboard is not None:
-                tensorboard.log_epoch(record)
+                record["test_accuracy"] = _accuracy(ctx, final, test_loader, bf16=bf16, tta=config.tta, flip=flip)
+            if ctx.main:
+                _append_metrics(run_dir, record)
+                if tensorboard is not None:
+                    tensorboard.log_epoch(record)
             progress.epochs_done = epoch
             checkpoint(loader)
             val_text = f", val acc {val_acc:.4f}" if val_acc is not None else ""
-            _log(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, train acc {stats.accuracy:.4f}{val_text}, "
-                 f"{stats.images_per_second:.0f} img/s, {progress.train_seconds:.1f}s")
+            log(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}, train acc {stats.accuracy:.4f}{val_text}, "
+                f"{stats.images_per_second:.0f} img/s, {progress.train_seconds:.1f}s")
     except TrainingDiverged as exc:
         kept = (f"the last good checkpoint (it resumes at epoch {progress.epochs_done + 1}, batch "
                 f"{progress.step + 1}) is kept in {run_dir}" if (run_dir / CHECKPOINT_FILE).is_file() else "no checkpoint had been written yet")
@@ -270,6 +353,11 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
         if tensorboard is not None:
             tensorboard.close()
 
+    # fp32 here, as evaluate, predict and exported models run: the figures must agree
+    test_acc = _accuracy(ctx, final, test_loader, bf16=False, tta=config.tta, flip=flip)
+    peak_rss = distributed.gather_objects(ctx, peak_rss_mib())
+    if not ctx.main:
+        return run_dir
     # weights, with the preprocessing facts they need
     save_model(final, {
         "architecture": config.model, "model_args": config.model_args, "num_classes": len(bundle.class_names),
@@ -277,19 +365,32 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
         "mean": mean, "std": std, "dataset": bundle.name, "cnnlab_version": __version__,
         "tta": config.tta, "tta_flip": flip, "recipe": config.recipe,
     }, run_dir)
-    # fp32 here, as evaluate, predict and exported models run: the figures must agree
-    test_acc = accuracy(*predict_logits(final, test_loader, bf16=False, tta=config.tta, flip=flip))
     summary = {"test_accuracy": test_acc,
                "best_val_accuracy": None if math.isnan(progress.best_val) else progress.best_val,
                "train_seconds": round(progress.train_seconds, 3), "epochs": config.epochs,
                "images_per_second": round(progress.images_seen / max(progress.train_seconds, 1e-9), 1),
                "params": count_parameters(model), "dataset": bundle.name, "model": config.model,
-               "device": device.type, "bf16": bf16, "train_images": len(bundle.train),
+               "device": device.type, "bf16": bf16, "train_images": len(bundle.train), "processes": ctx.world,
+               "peak_rss_mib": peak_rss,  # one figure per process
                "skipped_files": len(bundle.skipped or []),
                "finished": datetime.now().isoformat(timespec="seconds")}
     write_json(run_dir / "summary.json", summary)
-    _log(f"test accuracy {test_acc:.4f} after {progress.train_seconds:.1f}s of training; run directory {run_dir}")
+    log(f"test accuracy {test_acc:.4f} after {progress.train_seconds:.1f}s of training; run directory {run_dir}")
     return run_dir
+
+
+def _start_run_dir(run_dir: Path, config: TrainConfig, bundle: DatasetBundle) -> str | None:
+    """Create a new run directory with its config.yaml; a problem is returned as one sentence."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", lambda tmp: save_yaml(config, tmp))
+        atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(""))
+        write_skipped(run_dir, bundle.skipped)
+    except OSError as exc:
+        return f"Cannot write {run_dir}: {exc.strerror or exc}."
+    except CnnlabError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass
@@ -318,23 +419,31 @@ def _resume_state(run_dir: Path, overrides: dict[str, Any]) -> tuple[TrainConfig
 
 
 def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             ema: AveragedModel | None, run_dir: Path) -> _Progress:
+             ema: AveragedModel | None, run_dir: Path, ctx: distributed.Context) -> _Progress:
     """Load a checkpoint into the training objects; metrics.jsonl keeps only the epochs it covers."""
+    written_by = state.get("world", 1)
+    if state.get("step") and written_by != ctx.world:
+        raise CnnlabError(f"{run_dir / CHECKPOINT_FILE} was saved mid-epoch by {written_by} process(es); resume it "
+                          f"with {written_by} (an end-of-epoch checkpoint resumes with any number).")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
+        rng, totals = state["torch_rng"], state["totals"]
+        if isinstance(rng, list):  # a distributed run's: one per process
+            rng, totals = rng[ctx.rank % len(rng)], totals[ctx.rank % len(totals)]
+        torch.set_rng_state(rng)
         progress = _Progress(state["epochs_done"], state["step"], state["train_seconds"], state["images_seen"],
-                             state["best_val"], state["loader"], state["totals"])
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+                             state["best_val"], state["loader"], totals)
+    except (KeyError, TypeError, RuntimeError, ValueError, IndexError) as exc:
         raise CnnlabError(f"{run_dir / CHECKPOINT_FILE} does not fit this run's model and settings "
                           f"({type(exc).__name__}); start it again instead.") from None
-    records = [line for line in _read_lines(run_dir / "metrics.jsonl")
-               if json.loads(line)["epoch"] <= progress.epochs_done]
-    atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text("".join(r + "\n" for r in records)))
+    if ctx.main:
+        records = [line for line in _read_lines(run_dir / "metrics.jsonl")
+                   if json.loads(line)["epoch"] <= progress.epochs_done]
+        atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text("".join(r + "\n" for r in records)))
     return progress
 
 
