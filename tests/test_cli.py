@@ -152,7 +152,7 @@ def test_evaluate_a_folder_that_is_not_a_run(tmp_path: Path, cache: dict) -> Non
 
 
 def test_recipe_settings_reach_training_through_the_cli(tmp_path: Path, cache: dict) -> None:
-    """`--recipe best` must build the recipe's architecture, not the default widths."""
+    """`--recipe fast` must build the recipe's architecture (its 16-wide first layer), not the defaults."""
     from cnnlab.recipes import get_recipe
 
     if not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
@@ -160,12 +160,13 @@ def test_recipe_settings_reach_training_through_the_cli(tmp_path: Path, cache: d
     run = tmp_path / "run"
     config = tmp_path / "c.yaml"
     config.write_text("limit_train: 300\nepochs: 1\n")
-    result = cnnlab("train", "--recipe", "best", "--config", str(config), "--out", str(run), "--no-progress",
+    result = cnnlab("train", "--recipe", "fast", "--config", str(config), "--out", str(run), "--no-progress",
                     env=cache)
     assert result.returncode == 0, result.stderr
     meta = json.loads((run / "model.json").read_text())
-    assert meta["model_args"] == get_recipe("best").settings["model_args"] and meta["recipe"] == "best"
-    result = cnnlab("train", "--recipe", "best", "--config", str(config), "--model-arg", "widths=[8,16]",
+    assert meta["model_args"] == get_recipe("fast").settings["model_args"] and meta["recipe"] == "fast"
+    assert meta["model_args"]["stem"] == 16
+    result = cnnlab("train", "--recipe", "fast", "--config", str(config), "--model-arg", "widths=[8,16]",
                     "--out", str(tmp_path / "run2"), "--no-progress", env=cache)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run2" / "model.json").read_text())["model_args"] == {"widths": [8, 16]}

@@ -151,7 +151,7 @@ def _start_and_wait_for_checkpoint(run: Path, settings: dict, timeout_s: float) 
 
 
 # lenet5 in fp32 again, long enough to be killed mid-run, a checkpoint every 4 batches
-LONG = {**EXACT, "limit_train": 4096, "epochs": 3, "batch_size": 64, "checkpoint_every_steps": 4}
+LONG = {**EXACT, "limit_train": 2048, "epochs": 3, "batch_size": 64, "checkpoint_every_steps": 4}
 
 
 @needs_fmnist
