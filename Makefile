@@ -24,8 +24,8 @@ test: install data browser
 
 # Benchmarks (not tests): see BENCHMARKS.md.
 bench: install data
-	$(BIN)/python -m cnnlab.bench recipes --recipes fast,balanced,best --baseline-epochs 6
-	$(BIN)/python -m cnnlab.bench levers
+	$(BIN)/python -m benchmarks recipes --recipes fast,balanced,best --baseline-epochs 6
+	$(BIN)/python -m benchmarks levers
 
 install: $(STAMP)
 

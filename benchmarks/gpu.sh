@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-.data}
 OUTDIR=${OUT:-.}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export CNNLAB_DATA="$PWD/$DATA" CNNLAB_CACHE="${TMPDIR:-/tmp}/cnnlab-cache"
 
 python3 - <<'PY' || { echo "missing Python packages: see the header of benchmarks/gpu.sh"; exit 1; }
@@ -37,9 +37,9 @@ if [ ! -d "$CNNLAB_CACHE/cifar10-jpeg/train" ] && [ -f "$DATA/cifar10-jpeg.tar.g
     mkdir -p "$CNNLAB_CACHE/cifar10-jpeg" && tar -xzf "$DATA/cifar10-jpeg.tar.gz" -C "$CNNLAB_CACHE/cifar10-jpeg"
 fi
 
-python3 -m cnnlab.bench recipes --dataset fashion-mnist --recipes fast,balanced,best --baseline-epochs 0 \
+python3 -m benchmarks recipes --dataset fashion-mnist --recipes fast,balanced,best --baseline-epochs 0 \
     --thresholds 0.93,0.94,0.95 --json "$OUTDIR/gpu-fashion-mnist.json" -- --device cuda
 if [ -d "$CNNLAB_CACHE/cifar10-jpeg/train" ]; then
-    python3 -m cnnlab.bench recipes --dataset "folder:$CNNLAB_CACHE/cifar10-jpeg" --recipes cifar \
+    python3 -m benchmarks recipes --dataset "folder:$CNNLAB_CACHE/cifar10-jpeg" --recipes cifar \
         --baseline-epochs 0 --thresholds 0.85,0.90,0.93,0.94 --json "$OUTDIR/gpu-cifar10-jpeg.json" -- --device cuda
 fi

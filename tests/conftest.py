@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.datasets import DEBIAN_FASHION_MNIST
+from cnnlab.data.builtin import DEBIAN_FASHION_MNIST
 
 HAVE_FMNIST = (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST,
@@ -33,7 +33,7 @@ def fmnist_test_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[P
         pytest.skip("Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
     from PIL import Image
 
-    from cnnlab.datasets import load_dataset
+    from cnnlab.data.load import load_dataset
 
     bundle = load_dataset("fashion-mnist", val_split=0, progress=False)
     folder = tmp_path_factory.mktemp("fmnist-png")

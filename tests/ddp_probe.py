@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cnnlab import distributed
-from cnnlab.data import BatchLoader, Normalize
-from cnnlab.datasets import Split
-from cnnlab.models import create_model
+from cnnlab.data.batches import BatchLoader, Normalize
+from cnnlab.data.split import Split
+from cnnlab.models.registry import create_model
+from cnnlab.training import distributed
 
 
 def main(out: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple
 
 import httpx
 
-from cnnlab.bench_deploy import server_url
+from benchmarks.deploy import server_url
 
 START_TIMEOUT = 120  # seconds: importing torch and loading the model on a busy machine
 

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from cnnlab.folder import SKIPPED_FILE, load_folder, write_skipped
-from cnnlab.images import decode_image_bytes, read_image
 from test_cli import assert_usage_error, cnnlab
 from usage import usage_error
+
+from cnnlab.data.folder import load_folder
+from cnnlab.images.tensors import decode_image_bytes, read_image
+from cnnlab.rundir import RunDir
 
 MANY = 1005  # tiny classes: more than ImageNet's 1,000
 RED, BLUE = (220, 30, 40), (20, 40, 210)
@@ -182,10 +183,10 @@ def test_broken_files_are_skipped_and_nothing_shifts(corpus: Path, tmp_path: Pat
 
 
 def test_write_skipped_lists_every_file(tmp_path: Path) -> None:
-    write_skipped(tmp_path, ["a/b.jpg: empty file", "ü/c\udce9.png: truncated"])
-    assert (tmp_path / SKIPPED_FILE).read_text(encoding="utf-8").splitlines() == [
+    RunDir(tmp_path).write_skipped(["a/b.jpg: empty file", "ü/c\udce9.png: truncated"])
+    assert (tmp_path / RunDir.SKIPPED).read_text(encoding="utf-8").splitlines() == [
         "a/b.jpg: empty file", "ü/c\\udce9.png: truncated"]
-    write_skipped(tmp_path / "clean", [])
+    RunDir(tmp_path / "clean").write_skipped([])
     assert not (tmp_path / "clean").exists()
 
 
@@ -203,7 +204,7 @@ def test_training_on_the_corpus_succeeds_with_one_warning(trained) -> None:
 def test_the_run_directory_lists_the_skipped_files(trained) -> None:
     result, run = trained
     assert result.returncode == 0, result.stderr
-    listed = (run / SKIPPED_FILE).read_text(encoding="utf-8").splitlines()
+    listed = (run / RunDir.SKIPPED).read_text(encoding="utf-8").splitlines()
     assert sorted(line.split(": ")[0] for line in listed) == sorted(BROKEN)
     assert json.loads((run / "summary.json").read_text())["skipped_files"] == len(BROKEN)
 

@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from cnnlab.batching import MicroBatcher
+from cnnlab.deploy.batching import MicroBatcher
 
 
 def double(images: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cnnlab.datasets import DEBIAN_FASHION_MNIST, load_dataset
+from cnnlab.data.builtin import DEBIAN_FASHION_MNIST
+from cnnlab.data.load import load_dataset
 
 needs_fmnist = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
                                   reason="Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
@@ -153,7 +154,7 @@ def test_evaluate_a_folder_that_is_not_a_run(tmp_path: Path, cache: dict) -> Non
 
 def test_recipe_settings_reach_training_through_the_cli(tmp_path: Path, cache: dict) -> None:
     """`--recipe fast` must build the recipe's architecture (its 16-wide first layer), not the defaults."""
-    from cnnlab.recipes import get_recipe
+    from cnnlab.training.recipes import get_recipe
 
     if not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST is not installed")
@@ -170,3 +171,26 @@ def test_recipe_settings_reach_training_through_the_cli(tmp_path: Path, cache: d
                     "--out", str(tmp_path / "run2"), "--no-progress", env=cache)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run2" / "model.json").read_text())["model_args"] == {"widths": [8, 16]}
+
+
+
+@pytest.mark.parametrize("command", ["train", "lr-find"])
+def test_help_shows_the_defaults_a_run_gets(command: str) -> None:
+    """`--help` states what an unset flag gives: the default recipe's setting (and says so) or TrainConfig's."""
+    import argparse
+    import dataclasses
+
+    from cnnlab.cli import build_parser
+    from cnnlab.training.config import TrainConfig, default_settings, make_config
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    helps = {a.dest: a.help for a in sub._actions}
+    in_words = {f.name for f in dataclasses.fields(TrainConfig) if "(default:" in f.metadata["help"]}
+    run = make_config()
+    for name, (value, recipe) in default_settings().items():
+        if name == "model_args" or name in in_words:
+            continue
+        assert value == getattr(run, name)
+        assert helps[name].endswith(f"(default: {value}, from recipe {recipe})" if recipe else f"(default: {value})")
+    assert helps["translate"].endswith(f"(default: {run.translate}, from recipe {run.recipe})")
+    assert helps["momentum"].endswith(f"(default: {run.momentum})")

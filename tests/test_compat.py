@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from cnnlab.cli import main
 from conftest import needs_fmnist
 from serving import running_server
+
+from cnnlab.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.config import TrainConfig, make_config
-from cnnlab.errors import CnnlabError
-from cnnlab.recipes import get_recipe, list_recipes
+from cnnlab.errors import CnnlabError, InvalidSetting
+from cnnlab.training.config import TrainConfig, default_settings, make_config
+from cnnlab.training.recipes import get_recipe, list_recipes
 
 
 def test_every_recipe_resolves_to_a_valid_config() -> None:
@@ -48,15 +48,24 @@ def test_unknown_recipe_is_a_user_error() -> None:
         make_config(recipe="turbo")
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("ema_decay", 1.5, "--ema-decay"),
-    ("tta", "rotate", "--tta"),
-    ("epochs", 0, "--epochs"),
-    ("schedule", "step", "--schedule"),
+@pytest.mark.parametrize("key, value, message", [
+    ("ema_decay", 1.5, "ema_decay must be in [0, 1), got 1.5."),
+    ("tta", "rotate", "tta must be one of none, flip, flip-translate, got 'rotate'."),
+    ("epochs", 0, "epochs must be at least 1, got 0."),
+    ("schedule", "step", "schedule must be one of linear, cosine, constant, got 'step'."),
 ])
-def test_bad_values(key: str, value, fragment: str) -> None:
-    with pytest.raises(CnnlabError, match=fragment):
+def test_bad_values_are_named_as_the_fields(key: str, value, message: str) -> None:
+    with pytest.raises(InvalidSetting) as caught:
         make_config(**{key: value})
+    assert str(caught.value) == message and caught.value.setting == key
+
+
+def test_default_settings_are_what_a_run_gets() -> None:
+    defaults = default_settings()
+    assert {name: value for name, (value, _) in defaults.items()} == make_config().to_dict()
+    fast = get_recipe(TrainConfig.recipe)
+    assert {name for name, (_, source) in defaults.items() if source == fast.name} == set(fast.settings)
+    assert defaults["momentum"] == (TrainConfig.momentum, None)
 
 
 def test_choosing_another_model_drops_the_recipes_model_args() -> None:

@@ -17,11 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-import cnnlab.folder
-from cnnlab.data import BatchLoader, Normalize, channel_stats, random_flip, random_translate
-from cnnlab.datasets import DEBIAN_FASHION_MNIST, FASHION_CLASSES, Split, get_source, load_dataset
+import cnnlab.data.folder
+from cnnlab.data.batches import BatchLoader, Normalize, channel_stats
+from cnnlab.data.builtin import DEBIAN_FASHION_MNIST, FASHION_CLASSES, get_source
+from cnnlab.data.load import load_dataset
+from cnnlab.data.split import Split
 from cnnlab.errors import CnnlabError, DatasetNotFound
-from cnnlab.images import read_image
+from cnnlab.images.tensors import read_image
 
 
 @pytest.fixture(autouse=True)
@@ -599,7 +601,7 @@ def test_folder_cache_is_reused_and_invalidated(numbered_folder, tmp_path, monke
         raise AssertionError(f"decoded {path} although the cache is valid")
 
     with monkeypatch.context() as m:
-        m.setattr(cnnlab.folder, "read_image", no_decoding)
+        m.setattr(cnnlab.data.folder, "read_image", no_decoding)
         second = load_dataset(spec, progress=False)
         assert second.class_names == first.class_names
         for name in ("train", "val", "test"):
@@ -707,17 +709,27 @@ def test_normalize_matches_formula():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_random_translate_pad_zero_is_identity():
-    x = torch.rand(5, 3, 8, 8)
-    assert torch.equal(random_translate(x, 0, torch.Generator().manual_seed(0)), x)
+def one_batch(images: torch.Tensor, seed: int, **augment) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split as one unshuffled batch through BatchLoader, as training draws it, and the
+    same images normalised but not augmented."""
+    normalize = Normalize([0.0] * images.shape[1], [1.0] * images.shape[1], torch.device("cpu"), False)
+    split = Split(images, torch.zeros(len(images), dtype=torch.int64))
+    (x, _), = BatchLoader(split, len(images), normalize, shuffle=False, seed=seed, **augment)
+    return x, normalize(images)
 
 
-def test_random_translate_is_a_crop_of_the_reflect_padded_input():
+def test_translate_zero_leaves_the_images_alone():
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out, plain = one_batch(images, seed=0, translate=0)
+    assert torch.equal(out, plain)
+
+
+def test_translate_is_a_crop_of_the_reflect_padded_input():
     pad, n, c, h, w = 2, 64, 2, 6, 7
-    x = torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(0))
-    out = random_translate(x, pad, torch.Generator().manual_seed(5))
-    assert out.shape == x.shape
-    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")  # independent reference
+    images = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out, plain = one_batch(images, seed=5, translate=pad)
+    assert out.shape == images.shape
+    padded = np.pad(plain.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")  # independent reference
     shifts = []
     for i in range(n):
         matches = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
@@ -725,19 +737,19 @@ def test_random_translate_is_a_crop_of_the_reflect_padded_input():
         assert len(matches) == 1, f"image {i} is not a shifted crop"
         shifts.append(matches[0])
     assert len(set(shifts)) >= 10  # varied shifts (25 possible)
-    assert torch.equal(out, random_translate(x, pad, torch.Generator().manual_seed(5)))
+    assert torch.equal(out, one_batch(images, seed=5, translate=pad)[0])
 
 
-def test_random_flip_mirrors_about_half_deterministically():
+def test_flip_mirrors_about_half_deterministically():
     n = 1000
-    x = torch.rand(n, 1, 2, 3, generator=torch.Generator().manual_seed(0))
-    out = random_flip(x, torch.Generator().manual_seed(3))
-    flipped = (out == x.flip(3)).flatten(1).all(1)
-    unchanged = (out == x).flatten(1).all(1)
+    images = torch.randint(0, 256, (n, 1, 2, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out, plain = one_batch(images, seed=3, flip=True)
+    flipped = (out == plain.flip(3)).flatten(1).all(1)
+    unchanged = (out == plain).flatten(1).all(1)
     assert bool((flipped ^ unchanged).all())  # every image is either itself or its mirror, never both
     assert 400 < int(flipped.sum()) < 600
-    assert torch.equal(out, random_flip(x, torch.Generator().manual_seed(3)))
-    assert not torch.equal(out, random_flip(x, torch.Generator().manual_seed(4)))
+    assert torch.equal(out, one_batch(images, seed=3, flip=True)[0])
+    assert not torch.equal(out, one_batch(images, seed=4, flip=True)[0])
 
 
 def make_loader(n: int, batch_size: int, **kw) -> BatchLoader:

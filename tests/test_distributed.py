@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_fmnist
 from safetensors.torch import load_file
 
 import cnnlab
 from cnnlab.cli import main
-from cnnlab.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from cnnlab.data import BatchLoader, Normalize
-from cnnlab.datasets import Split
+from cnnlab.data.batches import BatchLoader, Normalize
+from cnnlab.data.split import Split
 from cnnlab.errors import CnnlabError
-
-from conftest import needs_fmnist
+from cnnlab.rundir import RunDir
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 PROBE = str(Path(__file__).with_name("ddp_probe.py"))
@@ -34,7 +33,7 @@ PROBE = str(Path(__file__).with_name("ddp_probe.py"))
 # process's weights, up to the order of floating-point sums.
 EXACT = dict(dataset="fashion-mnist", model="lenet5", precision="fp32", limit_train=2048, epochs=2, batch_size=128,
              translate=1, flip="on", threads=1, progress=False)
-RUN_FILES = {"config.yaml", "metrics.jsonl", CHECKPOINT_FILE, "model.safetensors", "model.json", "summary.json"}
+RUN_FILES = {"config.yaml", "metrics.jsonl", RunDir.CHECKPOINT, "model.safetensors", "model.json", "summary.json"}
 
 
 def flags(settings: dict) -> list[str]:
@@ -143,7 +142,7 @@ def _start_and_wait_for_checkpoint(run: Path, settings: dict, timeout_s: float) 
                                  "--dist-timeout", str(timeout_s), "--out", str(run)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     deadline = time.monotonic() + 120
-    while not (run / CHECKPOINT_FILE).is_file():
+    while not (run / RunDir.CHECKPOINT).is_file():
         assert launcher.poll() is None, launcher.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.05)
@@ -171,7 +170,7 @@ def test_a_killed_process_ends_the_job_and_resume_continues_it(tmp_path: Path) -
     assert "training process 1 of 2 was killed by SIGKILL" in err
     assert "Traceback" not in err
     assert not (run / "summary.json").exists()
-    state = load_checkpoint(run / CHECKPOINT_FILE)  # intact
+    state = RunDir(run).read_checkpoint()  # intact
     assert state["world"] == 2
     resumed = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--nproc", "2", "--resume", str(run),
                               "--no-progress"], capture_output=True, text=True, timeout=300, env=env())
@@ -215,7 +214,7 @@ def test_a_hung_process_times_out_with_a_clear_error(tmp_path: Path) -> None:
     while not lines.empty():
         rest.append(lines.get_nowait())
     assert "Traceback" not in "".join(rest)
-    load_checkpoint(run / CHECKPOINT_FILE)  # intact
+    RunDir(run).read_checkpoint()  # intact
 
 
 def test_distributed_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

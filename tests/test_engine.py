@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnlab.engine import tta_logits
-from cnnlab.models import create_model
+from cnnlab.images.tensors import tta_logits
+from cnnlab.models.registry import create_model
 
 
 def _model() -> nn.Module:

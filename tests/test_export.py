@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -16,18 +17,20 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from notorch import BLOCK_TORCH
 from PIL import Image
 
-from cnnlab import export
-from cnnlab.checkpoint import read_model_meta, save_model
-from cnnlab.classifier import Classifier
 from cnnlab.cli import main as cnnlab_main
-from cnnlab.data import Normalize
+from cnnlab.data.batches import Normalize
+from cnnlab.deploy import export
+from cnnlab.deploy.onnx_runtime import OnnxClassifier
 from cnnlab.errors import CnnlabError, DatasetNotFound
-from cnnlab.images import read_image as torch_read_image
-from cnnlab.models import create_model
-from cnnlab.onnx_runtime import OnnxClassifier, UnreadableImage, read_image, to_channels
-from notorch import BLOCK_TORCH
+from cnnlab.images.arrays import read_image, to_channels
+from cnnlab.images.spec import UnreadableImage
+from cnnlab.images.tensors import read_image as torch_read_image
+from cnnlab.models.classifier import Classifier
+from cnnlab.models.registry import create_model
+from cnnlab.rundir import RunDir
 
 TOLERANCE = 1e-4
 
@@ -71,7 +74,7 @@ def test_cli_export_writes_a_checked_onnx_file(cli_export: str, run_copy: Path) 
 
 def test_onnx_logits_match_pytorch_with_tta(cli_export: str, run_copy: Path, classifier: Classifier,
                                             fmnist_test_images: tuple[list[Path], list[str]]) -> None:
-    assert classifier.meta["tta"] == "flip"  # so this compares the mirrored views too
+    assert classifier.card.tta == "flip"  # so this compares the mirrored views too
     batch = png_batch(fmnist_test_images[0])
     onnx_logits = OnnxClassifier.load(run_copy).logits(batch.numpy())
     torch_logits = classifier.logits(batch).numpy()
@@ -94,7 +97,7 @@ def test_onnx_batch_axis_is_dynamic(cli_export: str, run_copy: Path, classifier:
 def test_onnx_metadata_round_trip(cli_export: str, run_copy: Path) -> None:
     model = onnx.load(str(run_copy / "model.onnx"))
     props = {p.key: json.loads(p.value) for p in model.metadata_props}
-    meta = read_model_meta(run_copy)
+    meta = RunDir(run_copy).read_card().to_json()
     for key in ("class_names", "mean", "std", "image_size", "in_channels", "tta", "tta_flip", "architecture",
                 "weights_sha256"):
         assert props[key] == meta[key], key
@@ -161,7 +164,7 @@ def test_torchscript_export_matches_pytorch(run_copy: Path, classifier: Classifi
     extra = {"cnnlab.json": ""}
     module = torch.jit.load(str(result.path), map_location="cpu", _extra_files=extra)
     meta = json.loads(extra["cnnlab.json"])
-    assert meta["class_names"] == classifier.class_names and meta["mean"] == classifier.meta["mean"]
+    assert meta["class_names"] == classifier.class_names and meta["mean"] == classifier.card.mean
     x = classifier.prepare(png_batch(fmnist_test_images[0][:5]))
     with torch.inference_mode():
         assert (module(x) - classifier.model(x)).abs().max() <= TOLERANCE
@@ -175,17 +178,16 @@ def make_run(run_dir: Path, architecture: str, like: Path, images: torch.Tensor)
     Training a ResNet even briefly takes minutes on a CPU, and export does not care whether the
     weights were trained; batch-norm statistics measured on real `images`, as training leaves
     them, keep the logits of a deep random network from collapsing to one value."""
-    meta = read_model_meta(like)
+    card = RunDir(like).read_card()
     torch.manual_seed(0)
-    model = create_model(architecture, meta["in_channels"], meta["num_classes"])
+    model = create_model(architecture, card.in_channels, card.num_classes)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # a plain average over the batch below
     with torch.no_grad():
-        model.train()(Normalize(meta["mean"], meta["std"], torch.device("cpu"), channels_last=False)(images))
-    keep = ("num_classes", "class_names", "in_channels", "image_size", "mean", "std", "dataset", "tta", "tta_flip")
+        model.train()(Normalize(card.mean, card.std, torch.device("cpu"), channels_last=False)(images))
     run_dir.mkdir(parents=True)
-    save_model(model.eval(), {**{k: meta[k] for k in keep}, "architecture": architecture, "model_args": {}}, run_dir)
+    RunDir(run_dir).write_model(model.eval().state_dict(), dataclasses.replace(card, architecture=architecture, model_args={}))
     return run_dir
 
 
@@ -209,7 +211,7 @@ def test_export_works_for_registered_architectures(architecture: str, fmnist_run
 
 TORCH_FREE_SCRIPT = BLOCK_TORCH + textwrap.dedent("""
     import json
-    from cnnlab.onnx_runtime import OnnxClassifier
+    from cnnlab.deploy.onnx_runtime import OnnxClassifier
 
     classifier = OnnxClassifier.load(sys.argv[1])
     top = [p[0] for p in classifier.predict(sys.argv[2:])]
@@ -274,7 +276,7 @@ def test_prepare_resizes_like_torchvision(cli_export: str, run_copy: Path, class
                                      for x in small]))
     got = OnnxClassifier.load(run_copy).prepare(big.numpy())
     want = classifier.prepare(big).contiguous().numpy()
-    one_level = 1 / (255 * min(classifier.meta["std"]))  # Pillow and torchvision round differently
+    one_level = 1 / (255 * min(classifier.card.std))  # Pillow and torchvision round differently
     assert np.abs(got - want).max() <= one_level + 1e-6
 
 

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 import cnnlab
-from cnnlab.classifier import Classifier
 from cnnlab.errors import CnnlabError
-from cnnlab.gradcam import explain_files, find_target_layer, gradcam, overlay
-from cnnlab.images import read_image
-from cnnlab.models import create_model, list_models
+from cnnlab.images.tensors import read_image
+from cnnlab.insight.gradcam import explain_files, find_target_layer, gradcam, overlay
+from cnnlab.models.classifier import Classifier
+from cnnlab.models.registry import create_model, list_models
 
 SIDE, HALF, SHAPE = 32, 16, 9  # image side, quadrant side, side of the drawn shapes (pixels)
 CLASSES = ("cross", "ring", "none")

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_fmnist
 from PIL import Image
 
 import cnnlab
-from cnnlab.config import make_config
 from cnnlab.errors import CnnlabError
-from cnnlab.lrfind import lr_find, suggest_lr
-
-from conftest import needs_fmnist
+from cnnlab.training.config import make_config
+from cnnlab.training.lrfind import lr_find, suggest_lr
 
 LRS = np.logspace(-4, 1, 100)  # the default sweep: 1e-4 to 10 in 100 steps
 DECADES = np.log10(LRS)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models import count_parameters, create_model, describe_model, list_models
+from cnnlab.models.registry import count_parameters, create_model, describe_model, list_models
 
 NUM_CLASSES = 7
 TV_MODELS = ["tv:resnet18", "tv:mobilenet_v3_small"]

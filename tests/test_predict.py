@@ -14,10 +14,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from notorch import BLOCK_TORCH
 
 from cnnlab import Classifier
-from cnnlab.predict import Backend, classify_files, expand_paths, make_backend
-from notorch import BLOCK_TORCH
+from cnnlab.deploy.predict import Backend, Counts, classify_files, expand_paths, make_backend, predict_paths
+from cnnlab.errors import InvalidSetting
 
 
 def cnnlab(*args: str) -> subprocess.CompletedProcess:
@@ -90,13 +91,32 @@ def test_exit_status_when_nothing_could_be_classified(fmnist_run, image_tree) ->
     result = cnnlab("predict", str(fmnist_run), str(root / "broken.jpg"), str(root / "empty.png"), "--no-progress")
     assert result.returncode == 1
     assert result.stdout.count("ERROR") == 2
+    assert "2 of 2 files could not be classified" in result.stderr
+
+
+def test_the_library_reports_counts_and_names_parameters(fmnist_run, image_tree) -> None:
+    """predict_paths says what happened and leaves exit statuses and flags to the CLI."""
+    root, truth = image_tree
+    out = io.StringIO()
+    counts = predict_paths(str(fmnist_run), [sorted(truth)[0], str(root / "broken.jpg")], fmt="csv",
+                           progress=False, out=out)
+    assert counts == Counts(classified=1, failed=1) and counts.total == 2
+    assert len(out.getvalue().strip().splitlines()) == 3  # the header and one row per file
+    assert predict_paths(str(fmnist_run), [str(root / "empty.png")], progress=False, out=io.StringIO()) \
+        == Counts(classified=0, failed=1)
+    for kwargs, setting in (({"top_k": 0}, "top_k"), ({"batch_size": 0}, "batch_size"),
+                            ({"backend": "onnx", "precision": "bf16"}, "precision")):
+        with pytest.raises(InvalidSetting) as info:
+            predict_paths(str(fmnist_run), [str(root)], progress=False, out=io.StringIO(), **kwargs)
+        assert info.value.setting == setting and "--" not in str(info.value)
 
 
 @pytest.mark.parametrize("args, fragment", [
     (["{run}", "/no/such/image.png"], "does not exist"),
     (["{run}", "{root}/*.nothing"], "holds no image files"),
     (["/no/such/run", "{root}"], "/no/such/run"),
-    (["{run}", "{root}", "--top-k", "0"], "--top-k"),
+    (["{run}", "{root}", "--top-k", "0"], "--top-k must be at least 1, got 0."),
+    (["{run}", "{root}", "--batch-size", "0"], "--batch-size must be at least 1, got 0."),
 ])
 def test_usage_errors_are_one_line(fmnist_run, image_tree, args: list[str], fragment: str) -> None:
     root, _ = image_tree
@@ -129,7 +149,7 @@ def test_streaming_holds_at_most_two_batches(fmnist_run, image_tree) -> None:
         return real.classify(images, k)
 
     paths = expand_paths([str(root)])
-    results = classify_files(iter(paths), Backend(read, classify, real.unreadable), batch_size=4)
+    results = classify_files(iter(paths), Backend(read, classify), batch_size=4)
     first = next(results)
     assert state["read"] <= 8 < len(paths)  # lazy: only the first two batches decoded so far
     rest = list(results)

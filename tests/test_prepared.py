@@ -19,16 +19,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import cnnlab.folder
-import cnnlab.prepared
-from cnnlab.datasets import load_dataset
-from cnnlab.errors import CnnlabError
-from cnnlab.folder import prepare_folder
-from cnnlab.images import read_image, resize, to_channels
-from cnnlab.prepared import META_FILE, DiskImages, images_file, labels_file
-from test_cli import assert_usage_error, cnnlab as run_cnnlab
+from test_cli import assert_usage_error
+from test_cli import cnnlab as run_cnnlab
 from usage import usage_error
+
+import cnnlab.data.folder
+import cnnlab.data.prepared
+from cnnlab.data.batches import channel_stats
+from cnnlab.data.folder import prepare_folder
+from cnnlab.data.load import load_dataset
+from cnnlab.data.prepared import META_FILE, DiskImages, images_file, labels_file
+from cnnlab.errors import CnnlabError, InvalidSetting
+from cnnlab.images.tensors import read_image, resize, to_channels
 
 pytestmark = pytest.mark.usefixtures("use_cache_env")
 
@@ -85,10 +87,8 @@ def test_conversion_equals_decoding_each_file(photos: Path, capsys: pytest.Captu
         assert isinstance(data.images, DiskImages)
         assert torch.equal(data.images[:], expected)  # bit for bit what decoding in memory gives
         assert data.labels.tolist() == [label for _, label in good]
-    # the train split's mean and std, for a trainer that wants them without a pass over the data
-    x = bundle.train.images[:].double() / 255
-    assert meta["splits"]["train"]["mean"] == pytest.approx(x.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
-    assert meta["splits"]["train"]["std"] == pytest.approx(x.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-12)
+    # normalised alike on disk (CPU training) and copied to a device (CUDA training), to the last bit
+    assert channel_stats(bundle.train.images) == channel_stats(bundle.train.images.tensor())
 
 
 def test_second_load_reuses_the_cache_and_a_changed_file_rebuilds_it(photos: Path,
@@ -100,8 +100,8 @@ def test_second_load_reuses_the_cache_and_a_changed_file_rebuilds_it(photos: Pat
         raise AssertionError(f"decoded {path} although the cache is valid")
 
     with monkeypatch.context() as m:
-        m.setattr(cnnlab.folder, "read_image", no_decoding)
-        m.setattr(cnnlab.folder.Image, "open", no_decoding)
+        m.setattr(cnnlab.data.folder, "read_image", no_decoding)
+        m.setattr(cnnlab.data.folder.Image, "open", no_decoding)
         again = prepare_folder(str(photos), progress=False)
         bundle = load_dataset(f"folder:{photos}", val_split=0, progress=False)
     assert not again.converted and again.cache == first.cache and again.seconds == 0
@@ -154,15 +154,15 @@ def test_a_second_process_waits_for_the_conversion_in_progress(photos: Path, tmp
     def no_decoding(path):
         raise AssertionError(f"decoded {path}: converted a second time instead of waiting")
 
-    monkeypatch.setattr(cnnlab.folder, "read_image", no_decoding)
-    monkeypatch.setattr(cnnlab.folder.Image, "open", no_decoding)
+    monkeypatch.setattr(cnnlab.data.folder, "read_image", no_decoding)
+    monkeypatch.setattr(cnnlab.data.folder.Image, "open", no_decoding)
     result: dict = {}
     with open(lock, "a+") as holder:
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # as the converting process holds it
         waiter = threading.Thread(target=lambda: result.update(bundle=load_dataset(f"folder:{photos}", val_split=0,
                                                                                    progress=False)))
         waiter.start()
-        time.sleep(3 * cnnlab.prepared.POLL_SECONDS)
+        time.sleep(3 * cnnlab.data.prepared.POLL_SECONDS)
         assert waiter.is_alive() and not done.cache.exists()
         finished.rename(done.cache)  # the other process completes its conversion, then lets go
     waiter.join(timeout=30)
@@ -173,7 +173,7 @@ def test_a_second_process_waits_for_the_conversion_in_progress(photos: Path, tmp
     shutil.rmtree(done.cache)
     with open(lock, "a+") as holder:
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
-        long_ago = time.time() - 2 * cnnlab.prepared.STALL_SECONDS
+        long_ago = time.time() - 2 * cnnlab.data.prepared.STALL_SECONDS
         os.utime(lock, (long_ago, long_ago))
         with pytest.raises(CnnlabError, match="no progress"):
             prepare_folder(str(photos), progress=False)
@@ -237,7 +237,13 @@ def test_prepare_command(photos: Path, cache_env: dict[str, str], tmp_path: Path
 
 def test_prepare_command_takes_only_folders(capsys: pytest.CaptureFixture) -> None:
     assert "folder:PATH" in usage_error(["datasets", "prepare", "fashion-mnist"], capsys)
-    assert "--workers" in usage_error(["datasets", "prepare", "folder:.", "--workers", "0"], capsys)
+    assert "--workers must be at least 1, got 0." in usage_error(["datasets", "prepare", "folder:.", "--workers", "0"],
+                                                                 capsys)
+    assert "--image-size must be at least 1 pixel" in usage_error(["datasets", "prepare", "folder:.",
+                                                                   "--image-size", "0"], capsys)
+    for setting in ("workers", "image_size"):  # the library names its parameters; the CLI, its flags
+        with pytest.raises(InvalidSetting, match=f"^{setting} must be at least 1"):
+            prepare_folder(".", **{setting: 0})
 
 
 # --------------------------------------------------------------------------- memory
@@ -248,7 +254,7 @@ SIDE = 64
 
 TRAIN_WITHIN_BUDGET = """
 import json, resource, sys
-import cnnlab.trainer
+import cnnlab.training.trainer
 
 def status(field):
     with open("/proc/self/status") as fh:
@@ -266,9 +272,9 @@ def peak():
 # One thread: on a busy 2-core machine two can be ten times slower; the model is the cheapest.
 settings = dict(dataset="folder:" + sys.argv[1], model="fastnet", model_args={"widths": [4]}, epochs=1,
                 batch_size=32, val_split=0, translate=0, precision="fp32", threads=1, progress=False)
-cnnlab.trainer.train(limit_train=64, out=sys.argv[2] + "/warm-up", **settings)  # imports, first allocations
+cnnlab.training.trainer.train(limit_train=64, out=sys.argv[2] + "/warm-up", **settings)  # imports, first allocations
 before = rss()
-cnnlab.trainer.train(out=sys.argv[2] + "/run", **settings)
+cnnlab.training.trainer.train(out=sys.argv[2] + "/run", **settings)
 print(json.dumps({"before": before, "peak": peak(), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 

@@ -20,10 +20,12 @@ from PIL import Image
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from cnnlab import cli
-from cnnlab.classifier import Classifier
-from cnnlab.metrics import classification_report
-from cnnlab.models import create_model
-from cnnlab.report import FIGURES_DIR, ScoredSplit, calibration_bins, make_sections, render_page
+from cnnlab.card import ModelCard
+from cnnlab.evaluation.metrics import classification_report
+from cnnlab.insight.report import ScoredSplit, calibration_bins, make_sections, render_page
+from cnnlab.models.classifier import Classifier
+from cnnlab.models.registry import create_model
+from cnnlab.rundir import RunDir
 
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -77,8 +79,8 @@ def test_report_is_one_self_contained_page_with_its_figures_beside_it(reported):
     prefix = "data:image/png;base64,"
     assert all(src.startswith(prefix) for src in sources)
     for name, src in zip(FIGURES, sources):  # the embedded images are the files in report/
-        assert base64.b64decode(src[len(prefix):]) == (run / FIGURES_DIR / f"{name}.png").read_bytes()
-    assert sorted(p.name for p in (run / FIGURES_DIR).iterdir()) == sorted(f"{n}.png" for n in FIGURES)
+        assert base64.b64decode(src[len(prefix):]) == (run / RunDir.REPORT_FIGURES / f"{name}.png").read_bytes()
+    assert sorted(p.name for p in (run / RunDir.REPORT_FIGURES).iterdir()) == sorted(f"{n}.png" for n in FIGURES)
 
     accuracy = json.loads((run / "eval.json").read_text())["accuracy"]
     assert f"<span id='test-accuracy'>{accuracy:.2%}</span>" in page
@@ -145,9 +147,9 @@ def test_a_hundred_classes_still_make_every_figure(tmp_path):
     """Figures for 100 classes (heat map labels, bar chart and Grad-CAM grid capped) on random data."""
     names = [f"class-{i:03d}" for i in range(100)]
     model = create_model("fastnet", 3, 100, widths=[8, 16, 16])
-    meta = {"architecture": "fastnet", "model_args": {"widths": [8, 16, 16]}, "class_names": names,
-            "in_channels": 3, "image_size": [16, 16], "mean": [0.5] * 3, "std": [0.25] * 3, "dataset": "synthetic"}
-    classifier = Classifier(model, meta)
+    card = ModelCard(architecture="fastnet", model_args={"widths": [8, 16, 16]}, class_names=names, in_channels=3,
+                     image_size=(16, 16), mean=[0.5] * 3, std=[0.25] * 3, dataset="synthetic")
+    classifier = Classifier(model, card)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8, generator=generator)
     labels = torch.arange(300) % 100

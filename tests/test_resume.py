@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HAVE_FMNIST, needs_fmnist
 from safetensors.torch import load_file
 
 import cnnlab
-from cnnlab import checkpoint as checkpoint_module
-from cnnlab.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from cnnlab import files as files_module
 from cnnlab.errors import CnnlabError
-
-from conftest import HAVE_FMNIST, needs_fmnist
+from cnnlab.rundir import RunDir
 
 # 2 epochs of 32 batches (about 4 s), a checkpoint every 5 batches; one thread, so both runs
 # sum in the same order
@@ -59,12 +58,12 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_run(uninterrupted
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *TRAIN_FLAGS, "--out", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (run / CHECKPOINT_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (run / RunDir.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(delay)  # somewhere after the first checkpoint: mid-epoch, between epochs, or while saving
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    state = load_checkpoint(run / CHECKPOINT_FILE)  # whatever instant it died at, the checkpoint is whole
+    state = RunDir(run).read_checkpoint()  # whatever instant it died at, the checkpoint is whole
     print(f"killed after {delay:.2f} s (seed {seed}) at epoch {state['epochs_done'] + 1}, batch {state['step'] + 1}")
 
     result = cnnlab_cli("train", "--resume", str(run), "--no-progress")
@@ -114,8 +113,8 @@ def test_a_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path: Path) ->
     assert len(line) == 1 and "Traceback" not in result.stderr
     assert "loss became" in line[0] and "Lower the learning rate" in line[0]
     assert not (run / "model.safetensors").exists()
-    if (run / CHECKPOINT_FILE).exists():  # what was kept holds finite weights only
-        state = load_checkpoint(run / CHECKPOINT_FILE)
+    if (run / RunDir.CHECKPOINT).exists():  # what was kept holds finite weights only
+        state = RunDir(run).read_checkpoint()
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
         assert "last good checkpoint" in line[0]
 
@@ -127,17 +126,17 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path: Path, monke
     real_fsync = os.fsync
 
     def fsync_until_the_disk_fills(fd: int) -> None:
-        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{CHECKPOINT_FILE}."):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{RunDir.CHECKPOINT}."):
             saves["n"] += 1
             if saves["n"] > 2:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync_until_the_disk_fills)
+    monkeypatch.setattr(files_module.os, "fsync", fsync_until_the_disk_fills)
     with pytest.raises(CnnlabError, match="No space left on device.*intact"):
         cnnlab.train(dataset="fashion-mnist", limit_train=2048, epochs=2, batch_size=256,
                      model_args={"widths": [8, 16, 32]}, checkpoint_every_steps=3, progress=False, out=str(run))
-    state = load_checkpoint(run / CHECKPOINT_FILE)  # the second save: whole, and resumable
+    state = RunDir(run).read_checkpoint()  # the second save: whole, and resumable
     assert (state["epochs_done"], state["step"]) == (0, 6)
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 

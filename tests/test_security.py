@@ -22,11 +22,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cnnlab import Classifier
-from cnnlab.checkpoint import MODEL_FILE, MODEL_META, load_checkpoint, save_model, sha256_file
-from cnnlab.errors import CnnlabError
-from cnnlab.models import create_model
+from cnnlab.card import ModelCard
+from cnnlab.rundir import RunDir
+
+MODEL_FILE, MODEL_META = RunDir.WEIGHTS, RunDir.CARD
 from test_cli import assert_usage_error, cnnlab
 from usage import usage_error
+
+from cnnlab.errors import CnnlabError
+from cnnlab.files import sha256_file
+from cnnlab.models.registry import create_model
 
 CLASSES = ["ant", "bee", "cat"]
 pytestmark = pytest.mark.usefixtures("use_cache_env")
@@ -69,13 +74,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory: pytest.TempPathFactory, images: Path) -> Path:
-    """A run directory written by save_model, as training writes it."""
+    """A run directory written by RunDir.write_model, as training writes it."""
     run = tmp_path_factory.mktemp("good") / "run"
     torch.manual_seed(0)
     model = create_model("fastnet", 1, len(CLASSES), widths=[4, 8])
-    save_model(model, {"architecture": "fastnet", "model_args": {"widths": [4, 8]}, "num_classes": len(CLASSES),
-                       "class_names": CLASSES, "in_channels": 1, "image_size": [12, 12], "mean": [0.5],
-                       "std": [0.25], "dataset": f"folder:{images}", "tta": "none", "tta_flip": True}, run)
+    run.mkdir(parents=True)
+    RunDir(run).write_model(model.state_dict(), ModelCard(
+        architecture="fastnet", model_args={"widths": [4, 8]}, class_names=CLASSES, in_channels=1, image_size=(12, 12),
+        mean=[0.5], std=[0.25], dataset=f"folder:{images}", tta="none", tta_flip=True))
     return run
 
 
@@ -121,10 +127,10 @@ def test_planted_payloads_are_live(kind: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_checkpoint_refuses_a_planted_pickle(kind: str, tmp_path: Path) -> None:
-    marker, path = tmp_path / "pwned", tmp_path / "checkpoint.pt"
+    marker, path = tmp_path / "pwned", tmp_path / RunDir.CHECKPOINT
     path.write_bytes(payload_bytes(kind, marker))
     with pytest.raises(CnnlabError, match="not a valid cnnlab checkpoint"):
-        load_checkpoint(path)
+        RunDir(tmp_path).read_checkpoint()
     assert not marker.exists()
 
 
@@ -157,7 +163,7 @@ AUDIT = """
 import json, os, sys
 from pathlib import Path
 from cnnlab.cli import main
-from cnnlab.serve import create_app
+from cnnlab.deploy.serve import create_app
 
 run, images = Path(sys.argv[1]).resolve(), sys.argv[2]
 written, read, classes = set(), set(), []

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from PIL import Image
+from serving import png_header, running_server
 
 from cnnlab import Classifier
-from serving import png_header, running_server
 
 MAX_BYTES = 5_000  # per image: Fashion-MNIST PNGs are under 1 kB
 MAX_PIXELS = 1_000_000

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from cnnlab import Classifier
-from cnnlab.bench_deploy import RssSampler, broken_zlib_png, rss_mib
 from serving import BOMB_HEADERS, Server, png_header, server_process
+
+from benchmarks.deploy import RssSampler, broken_zlib_png, rss_mib
+from cnnlab import Classifier
 
 MAX_BYTES = 200_000  # per image
 MAX_PIXELS = 1_000_000

@@ -1,11 +1,12 @@
 """A short soak of a real `cnnlab serve`: 32 clients sending valid and malformed uploads mixed.
 No valid request may be dropped or answered wrong, none may get a 5xx, and memory stays bounded.
-The 60 s version is `python -m cnnlab.bench soak RUN_DIR`."""
+The 60 s version is `python -m benchmarks soak RUN_DIR`."""
 
 from __future__ import annotations
 
-from cnnlab.bench_deploy import SOAK_SERVE_ARGS, soak, soak_posts
 from serving import server_process
+
+from benchmarks.deploy import SOAK_SERVE_ARGS, soak, soak_posts
 
 CLIENTS = 32
 SECONDS = 8

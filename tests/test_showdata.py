@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_fmnist
 from PIL import Image
 
-from cnnlab.errors import CnnlabError
-from cnnlab.showdata import show_dataset
-
-from conftest import needs_fmnist
+from cnnlab.errors import CnnlabError, InvalidSetting
+from cnnlab.insight.preview import show_dataset
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
@@ -69,7 +68,7 @@ def test_colour_folder_dataset(colour_folder: Path, tmp_path: Path, monkeypatch:
 
 
 def test_errors(colour_folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(CnnlabError, match="--per-class"):
+    with pytest.raises(InvalidSetting, match="^per_class must be at least 1"):
         show_dataset(f"folder:{colour_folder}", tmp_path / "x.png", per_class=0)
     with pytest.raises(CnnlabError, match="does not exist"):
         show_dataset(f"folder:{tmp_path / 'nowhere'}", tmp_path / "x.png")
@@ -78,3 +77,6 @@ def test_errors(colour_folder: Path, tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cnnlab: error:") and "no-such-set" in lines[0], result.stderr
     assert not (tmp_path / "x.png").exists()
+    flagged = cnnlab_cli("datasets", "show", f"folder:{colour_folder}", "--per-class", "0",
+                         "--out", str(tmp_path / "x.png"))
+    assert (flagged.returncode, flagged.stderr) == (2, "cnnlab: error: --per-class must be at least 1, got 0.\n")

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_fmnist
 
 import cnnlab
 from cnnlab.errors import CnnlabError
-
-from conftest import needs_fmnist
 
 TINY = dict(dataset="fashion-mnist", limit_train=1000, val_split=0.1, epochs=2, batch_size=64,
             model_args={"widths": [8, 16, 32]}, progress=False)

@@ -11,10 +11,11 @@ import yaml
 from PIL import Image
 
 import cnnlab
-from cnnlab.checkpoint import load_checkpoint
-from cnnlab.datasets import DEBIAN_FASHION_MNIST, load_dataset
+from cnnlab.data.builtin import DEBIAN_FASHION_MNIST
+from cnnlab.data.load import load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluation import evaluate_run
+from cnnlab.evaluation.evaluate import evaluate_run
+from cnnlab.rundir import RunDir
 
 pytestmark = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
                                 reason="Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
@@ -56,7 +57,7 @@ def test_run_directory_contract(run_dir: Path) -> None:
     assert 0.2 < meta["mean"][0] < 0.4 and 0.25 < meta["std"][0] < 0.45  # measured on the training split
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["limit_train"] == 5000 and config["epochs"] == 3 and config["seed"] == 1
-    state = load_checkpoint(run_dir / "checkpoint.pt")
+    state = RunDir(run_dir).read_checkpoint()
     assert state["epochs_done"] == 3 and state["step"] == 0 and "optimizer" in state and "loader" in state
 
 
@@ -140,7 +141,7 @@ def test_ema_tta_and_progressive_resizing(tmp_path: Path) -> None:
     assert all(r["val_accuracy"] is None for r in records) and records[-1]["test_accuracy"] > 0.3
     summary = json.loads((run / "summary.json").read_text())
     assert evaluate_run(run, progress=False)["accuracy"] == pytest.approx(summary["test_accuracy"], abs=2e-4)
-    state = load_checkpoint(run / "checkpoint.pt")
+    state = RunDir(run).read_checkpoint()
     averaged = cnnlab.Classifier.load(run).model.state_dict()
     raw = state["model"]
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())
@@ -149,7 +150,8 @@ def test_ema_tta_and_progressive_resizing(tmp_path: Path) -> None:
 def test_whitened_first_layer_decorrelates_patches_and_stays_frozen(fmnist, tmp_path: Path) -> None:
     from torch.nn.functional import unfold
 
-    from cnnlab.models import create_model, whiten_first_conv
+    from cnnlab.models.registry import create_model
+    from cnnlab.models.whitening import whiten_first_conv
 
     images = (fmnist.train.images[:2000].float() / 255 - 0.286) / 0.353
     model = create_model("fastnet", 1, 10)

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from serving import running_server
 
 from cnnlab import Classifier
-from serving import running_server
 
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 CHROMIUM = Path("/usr/bin/chromium")

@@ -10,10 +10,11 @@ __version__ = "0.1.0"
 # Public names and the modules that hold them. Imported on first use, so `cnnlab --help`
 # and `cnnlab models` do not pay for importing torch and torchvision up front.
 _EXPORTS = {
-    "Classifier": "classifier", "Prediction": "classifier", "TrainConfig": "config", "CnnlabError": "errors",
-    "create_model": "models", "list_models": "models", "register_model": "models",
-    "list_datasets": "datasets", "load_dataset": "datasets", "train": "trainer", "evaluate_run": "evaluation",
-    "export_model": "export", "OnnxClassifier": "onnx_runtime",
+    "Classifier": "models.classifier", "Prediction": "card", "ModelCard": "card", "RunDir": "rundir",
+    "TrainConfig": "training.config", "CnnlabError": "errors",
+    "create_model": "models.registry", "list_models": "models.registry", "register_model": "models.registry",
+    "list_datasets": "data.builtin", "load_dataset": "data.load", "train": "training.trainer",
+    "evaluate_run": "evaluation.evaluate", "export_model": "deploy.export", "OnnxClassifier": "deploy.onnx_runtime",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

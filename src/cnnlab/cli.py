@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import yaml
 
 from . import __version__
-from .config import TrainConfig, field_types
-from .errors import CnnlabError
+from .errors import CnnlabError, InvalidSetting
+from .images.spec import TTA_MODES
+from .training.config import TrainConfig, default_settings, field_types, load_yaml, make_config
 
 EXIT_USAGE = 2
 EXIT_BELOW_GATE = 3
@@ -28,23 +29,35 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; unset flags stay absent so the YAML file's values hold."""
-    types_ = field_types()
+    """One flag per TrainConfig field; unset flags stay absent so the YAML file's values hold.
+    Each help shows what a run gets without the flag, and which recipe that comes from."""
+    types_, defaults = field_types(), default_settings()
+    recipe = TrainConfig.recipe
+    parser.epilog = (f"Defaults marked 'from recipe {recipe}' are the {recipe} recipe's settings: another "
+                     "--recipe brings its own (see `cnnlab recipes`); flags and --config override either.")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model_args":
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = types_[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # some say in words what an unset value means
+            help_text += _default_text(*defaults[f.name])
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
                                 metavar=None if f.metadata.get("choices") else f.name.upper(), help=help_text)
+    model_args, source = defaults["model_args"]
+    shown = ", ".join(f"{k}={v}" for k, v in model_args.items()) or "none"
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="an architecture argument, e.g. --model-arg widths=[48,96,192] (repeatable)")
+                        help="an architecture argument, e.g. --model-arg widths=[48,96,192] (repeatable)"
+                        + _default_text(shown, source))
     parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file; flags override it")
+
+
+def _default_text(value: Any, recipe: str | None) -> str:
+    return f" (default: {value}, from recipe {recipe})" if recipe else f" (default: {value})"
 
 
 def _model_args(pairs: list[str]) -> dict[str, Any]:
@@ -62,8 +75,6 @@ def _model_args(pairs: list[str]) -> dict[str, Any]:
 
 def _config_from_flags(ns: argparse.Namespace) -> TrainConfig:
     """recipe < YAML file < flags, for train and lr-find."""
-    from .config import load_yaml, make_config
-
     values = {k: v for k, v in vars(ns).items() if k in field_types()}
     file_values = load_yaml(ns.config) if ns.config else {}
     if ns.model_arg:  # only when given: otherwise the file's or the recipe's model_args stand
@@ -75,8 +86,8 @@ _RESUME_FLAGS = ("progress", "threads", "dist_timeout")  # settings of the machi
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from . import distributed
-    from .trainer import train
+    from .training import distributed
+    from .training.trainer import train
 
     if ns.resume:
         given = sorted(k for k in vars(ns) if k in field_types() and k not in _RESUME_FLAGS)
@@ -88,12 +99,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
         config = _config_from_flags(ns)
     if ns.nproc is not None and not distributed.launched():
         if ns.nproc < 1:
-            raise CnnlabError(f"--nproc must be at least 1, got {ns.nproc}.")
+            raise InvalidSetting("nproc", f"must be at least 1, got {ns.nproc}.")
         if config is not None and config.batch_size % ns.nproc:
-            raise CnnlabError(f"--batch-size {config.batch_size} must be divisible by --nproc {ns.nproc} "
-                              "(it is the global batch, shared out equally).")
+            raise InvalidSetting("batch_size", f"must be divisible by --nproc {ns.nproc} (it is the global batch, "
+                                               f"shared out equally), got {config.batch_size}.")
         if ns.nproc > 1:  # the same command again in N processes, through torchrun's launcher
-            return distributed.launch(ns.nproc, _without_nproc(ns.argv), getattr(ns, "dist_timeout", 300.0))
+            return distributed.launch(ns.nproc, _without_nproc(ns.argv), getattr(ns, "dist_timeout", TrainConfig.dist_timeout))
     if config is None:
         train(resume=ns.resume, **{k: getattr(ns, k) for k in _RESUME_FLAGS if hasattr(ns, k)})
     else:
@@ -116,8 +127,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
-    from .evaluation import evaluate_run
-    from .metrics import format_report
+    from .evaluation.evaluate import evaluate_run
+    from .evaluation.metrics import format_report
 
     if ns.min_accuracy is not None and not 0 <= ns.min_accuracy <= 1:
         raise CnnlabError(f"--min-accuracy is a fraction in [0, 1], got {ns.min_accuracy}.")
@@ -135,16 +146,16 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
 
 def cmd_datasets(ns: argparse.Namespace) -> int:
-    from .datasets import dataset_status
+    from .data.load import dataset_status
 
     if ns.action == "show":
-        from .showdata import show_dataset
+        from .insight.preview import show_dataset
 
         path = show_dataset(ns.name, ns.out, per_class=ns.per_class, split=ns.split)
         print(f"wrote {path}")
         return 0
     if ns.action == "prepare":
-        from .folder import prepare_folder
+        from .data.folder import prepare_folder
 
         if not ns.name.startswith("folder:"):
             raise CnnlabError(f"`datasets prepare` converts folder:PATH datasets, not {ns.name!r} "
@@ -165,7 +176,7 @@ def cmd_datasets(ns: argparse.Namespace) -> int:
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
-    from .models import describe_model, list_models
+    from .models.registry import describe_model, list_models
 
     for name in list_models():
         print(f"{name:<16} {describe_model(name)}")
@@ -174,7 +185,7 @@ def cmd_models(ns: argparse.Namespace) -> int:
 
 
 def cmd_recipes(ns: argparse.Namespace) -> int:
-    from .recipes import get_recipe, list_recipes
+    from .training.recipes import get_recipe, list_recipes
 
     for name in list_recipes():
         recipe = get_recipe(name)
@@ -185,15 +196,19 @@ def cmd_recipes(ns: argparse.Namespace) -> int:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
-    from .predict import predict_paths
+    from .deploy.predict import predict_paths
 
-    return predict_paths(ns.run_dir, ns.paths, top_k=ns.top_k, fmt=ns.format, batch_size=ns.batch_size,
-                         backend=ns.backend, device=ns.device, precision=ns.precision,
-                         tta=None if ns.tta == "model" else ns.tta, progress=not ns.no_progress)
+    counts = predict_paths(ns.run_dir, ns.paths, top_k=ns.top_k, fmt=ns.format, batch_size=ns.batch_size,
+                           backend=ns.backend, device=ns.device, precision=ns.precision,
+                           tta=None if ns.tta == "model" else ns.tta, progress=not ns.no_progress)
+    if counts.failed:
+        print(f"cnnlab: {counts.failed} of {counts.total} files could not be classified (see their rows)",
+              file=sys.stderr)
+    return 0 if counts.classified else 1  # 1: not one file could be classified
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from .serve import serve
+    from .deploy.serve import serve
 
     serve(ns.run_dir, host=ns.host, port=ns.port, max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms,
           api_key=ns.api_key, top_k=ns.top_k, max_bytes=ns.max_bytes, max_pixels=ns.max_pixels,
@@ -202,7 +217,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from .export import export_model
+    from .deploy.export import export_model
 
     result = export_model(ns.run_dir, ns.format, ns.out)
     print(f"wrote {result.path} ({result.fmt}); checked on {result.images_checked} {result.checked_on}: "
@@ -211,7 +226,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    from .report import build_report
+    from .insight.report import build_report
 
     path = build_report(ns.run_dir, dataset=ns.dataset, progress=not ns.no_progress)
     print(f"wrote {path}")
@@ -219,7 +234,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_explain(ns: argparse.Namespace) -> int:
-    from .gradcam import explain_files
+    from .insight.gradcam import explain_files
 
     for path in explain_files(ns.run_dir, ns.images, ns.out):
         print(f"wrote {path}")
@@ -227,7 +242,7 @@ def cmd_explain(ns: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(ns: argparse.Namespace) -> int:
-    from .lrfind import lr_find
+    from .training.lrfind import lr_find
 
     result = lr_find(_config_from_flags(ns), min_lr=ns.min_lr, max_lr=ns.max_lr, steps=ns.steps)
     print(f"suggested learning rate: {result.suggestion:.3g} per 256 images ({result.rule})")
@@ -268,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="torch backend only (default: cpu)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="torch backend: bf16 is faster on CPUs with AVX512-BF16 and on GPUs (default: fp32)")
-    p.add_argument("--tta", default="model", choices=("model", "none", "flip", "flip-translate"),
+    p.add_argument("--tta", default="model", choices=("model", *TTA_MODES),
                    help="test-time augmentation: as model.json records it, or another; none is fastest (default: model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
@@ -330,8 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lr-find", help="learning-rate range test: plot loss against learning rate, suggest one")
     _add_config_flags(p)
-    p.add_argument("--min-lr", type=float, default=1e-4, help="(default: 1e-4)")
-    p.add_argument("--max-lr", type=float, default=10.0, help="(default: 10)")
+    p.add_argument("--min-lr", type=float, default=1e-4,
+                   help="the sweep's first learning rate, per 256 images (default: 1e-4)")
+    p.add_argument("--max-lr", type=float, default=10.0,
+                   help="the sweep's last learning rate, per 256 images (default: 10)")
     p.add_argument("--steps", type=int, default=100, help="training steps in the sweep (default: 100)")
     p.set_defaults(func=cmd_lr_find)
 
@@ -343,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _in_flags(exc: CnnlabError) -> str:
+    """The error as the command line says it: a setting named by its flag."""
+    if isinstance(exc, InvalidSetting):
+        return f"--{exc.setting.replace('_', '-')} {exc.problem}"
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
@@ -351,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ns.func(ns)
     except CnnlabError as exc:
         rank = int(os.environ.get("RANK", "0"))  # each process of a distributed run names itself
-        print(f"cnnlab: error{f' (process {rank})' if rank else ''}: {exc}", file=sys.stderr)
+        print(f"cnnlab: error{f' (process {rank})' if rank else ''}: {_in_flags(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)

@@ -5,7 +5,17 @@ The CLI prints these as one line and exits with status 2; everything else is a b
 
 
 class CnnlabError(Exception):
-    """A problem with the user's input: bad flag, missing data, unknown name."""
+    """A problem with the user's input: bad setting, missing data, unknown name."""
+
+
+class InvalidSetting(CnnlabError):
+    """A setting with a value it cannot take, named as the Python API names it (`batch_size`).
+
+    The message reads "<setting> <problem>"; the CLI shows the setting as its flag (`--batch-size`)."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
 
 
 class DatasetNotFound(CnnlabError):

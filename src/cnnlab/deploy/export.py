@@ -1,0 +1,177 @@
+"""`export_model`: a run's network as ONNX or TorchScript, checked against PyTorch before it is kept.
+
+The exported graph is the plain network in float32 (normalised (N, C, H, W) input -> logits) with
+a dynamic batch axis; class names, mean/std, image size and test-time augmentation travel in the
+file's metadata, so `cnnlab.deploy.onnx_runtime.OnnxClassifier` can preprocess without PyTorch.
+model.safetensors stays the safe format to share: loading TorchScript runs code from the file,
+and PyTorch has deprecated TorchScript, so prefer ONNX for deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .. import __version__
+from ..data.load import load_dataset
+from ..errors import CnnlabError
+from ..files import atomic_write
+from ..models.classifier import Classifier
+from ..rundir import RunDir
+from .onnx_runtime import encode_metadata
+
+TOLERANCE = 1e-4  # largest |logit difference| from PyTorch fp32 an exported file may show
+CHECK_IMAGES = 256  # test images the check runs, at most
+CHECK_BATCH = 32  # images per forward pass in the check: bounds memory for large inputs
+TORCHSCRIPT_META = "cnnlab.json"  # the _extra_files entry holding the metadata
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    fmt: str
+    max_abs_diff: float  # largest |logit difference| from PyTorch fp32 over the checked images
+    images_checked: int
+    tolerance: float = TOLERANCE
+    checked_on: str = ""  # which images: the run's test split, or random ones when it is unavailable
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    filename: str  # default name inside the run directory
+    write: Callable[[nn.Module, torch.Tensor, dict[str, str], Path], None]  # (model, example, metadata, path)
+    run: Callable[[Path, torch.Tensor], np.ndarray]  # logits of the exported file for a float batch
+
+
+# ---------------------------------------------------------------- the formats
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, str], path: Path) -> None:
+    # torch.export-based exporter; a batch of 2 in the example keeps torch.export from
+    # specialising the batch axis to 1.
+    try:
+        program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                                    external_data=False, verbose=False)
+    except torch.onnx.OnnxExporterError as exc:
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0]  # without terminal colours
+        raise CnnlabError(f"PyTorch cannot export this network to ONNX: {first}") from None
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save_model(proto, str(path))
+
+
+def _run_onnx(path: Path, images: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: chunk.contiguous().numpy()})[0]
+                           for chunk in images.split(CHECK_BATCH)])
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, metadata: dict[str, str], path: Path) -> None:
+    decoded = {key: json.loads(value) for key, value in metadata.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.* is deprecated")
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: json.dumps(decoded)})
+
+
+def _run_torchscript(path: Path, images: torch.Tensor) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.* is deprecated")
+        module = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return torch.cat([module(chunk).float() for chunk in images.split(CHECK_BATCH)]).numpy()
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat(RunDir.ONNX, _write_onnx, _run_onnx),
+    "torchscript": ExportFormat(RunDir.TORCHSCRIPT, _write_torchscript, _run_torchscript),
+}
+
+
+# ---------------------------------------------------------------- the check
+
+def check_images(run_dir: Path, classifier: Classifier) -> tuple[torch.Tensor, str]:
+    """Up to CHECK_IMAGES uint8 test images of the run's dataset, and a phrase saying which images
+    they are; seeded random images when the dataset is not on this machine."""
+    config = RunDir(run_dir).read_config()
+    name = classifier.card.dataset or config.get("dataset")
+    if name:
+        try:
+            # no download: an export should not fetch a dataset only to check numerics
+            bundle = load_dataset(name, val_split=0, image_size=config.get("image_size"), download=False,
+                                  progress=False)
+            return bundle.test.images[:CHECK_IMAGES], f"{name} test images"
+        except (CnnlabError, OSError):
+            pass
+    gen = torch.Generator().manual_seed(0)
+    shape = (CHECK_IMAGES, classifier.in_channels, *classifier.image_size)
+    reason = f"{name} is not on this machine" if name else "the run does not record its dataset"
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen), f"random images ({reason})"
+
+
+def verify_export(path: Path, fmt: str, inputs: torch.Tensor, expected: np.ndarray,
+                  tolerance: float = TOLERANCE) -> float:
+    """Run the exported file on normalised `inputs`; return the largest |logit difference| from
+    `expected`, or raise CnnlabError when it exceeds `tolerance` (or is not finite)."""
+    got = FORMATS[fmt].run(path, inputs)
+    if got.shape != expected.shape:
+        raise CnnlabError(f"The exported {fmt} model returns logits of shape {got.shape}, PyTorch {expected.shape}.")
+    diff = float(np.abs(got.astype(np.float64) - expected).max())
+    if not diff <= tolerance:
+        raise CnnlabError(f"The exported {fmt} model's logits differ from PyTorch's by {diff:.2e} > {tolerance:.0e} "
+                          f"on {len(inputs)} images.")
+    return diff
+
+
+# ---------------------------------------------------------------- export
+
+def export_model(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> ExportResult:
+    """Export a run's model to `out` (default RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt).
+
+    The file is written to a temporary name, checked against PyTorch fp32 on up to CHECK_IMAGES
+    test images of the run's dataset (seeded random images when the dataset is not on this
+    machine; `checked_on` says which), and renamed into place only when every logit agrees within
+    TOLERANCE; otherwise nothing is written and CnnlabError says by how much it differed.
+    """
+    if fmt not in FORMATS:
+        raise CnnlabError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    run_dir = Path(run_dir)
+    path = Path(out) if out is not None else run_dir / FORMATS[fmt].filename
+    if path.is_dir():
+        raise CnnlabError(f"{path} is a directory; give the output file, e.g. {path / FORMATS[fmt].filename}.")
+    classifier = Classifier.load(run_dir)  # safetensors + model.json, sha256-checked; CPU, eval mode
+    model = classifier.model.float()
+
+    images, checked_on = check_images(run_dir, classifier)
+    inputs = classifier.prepare(images)
+    with torch.inference_mode():
+        expected = torch.cat([model(chunk).float() for chunk in inputs.split(CHECK_BATCH)]).numpy()
+    metadata = encode_metadata(classifier.card, __version__)
+    example = inputs[:2] if len(inputs) >= 2 else torch.zeros(2, *inputs.shape[1:])
+
+    diffs: list[float] = []
+
+    def write_and_check(tmp: Path) -> None:
+        with torch.no_grad():
+            FORMATS[fmt].write(model, example.clone(), metadata, tmp)
+        try:
+            diffs.append(verify_export(tmp, fmt, inputs, expected))
+        except CnnlabError as exc:  # atomic_write removes the temporary file
+            raise CnnlabError(f"{str(exc).rstrip('.')}; nothing was written to {path}.") from None
+
+    try:
+        atomic_write(path, write_and_check)
+    except OSError as exc:
+        raise CnnlabError(f"Cannot write {path}: {exc.strerror or exc}.") from None
+    return ExportResult(path, fmt, diffs[0], len(inputs), TOLERANCE, checked_on)

@@ -1,0 +1,2 @@
+"""Insight: the HTML report, its figures, Grad-CAM heat maps and dataset previews.
+"""

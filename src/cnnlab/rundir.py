@@ -1,0 +1,189 @@
+"""`RunDir`: the one place that knows a run directory's files, and reads and writes each of them.
+
+What training leaves: config.yaml (the resolved settings), metrics.jsonl (one record per epoch),
+checkpoint.pt (the training state), model.safetensors + model.json (weights and model card, never
+a pickle), summary.json, skipped.txt (files a folder dataset could not read). What later
+commands add: eval.json, report.html with report/, model.onnx, model.torchscript.pt, explain/.
+Every file is written atomically with the usual permissions (files.atomic_write).
+
+Importing this module needs neither PyTorch nor safetensors (the ONNX runtime uses it); the
+methods that handle tensors import them when called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .card import ModelCard
+from .errors import CnnlabError, first_line
+from .files import atomic_write, sha256_file, write_json, write_text
+
+
+class RunDir:
+    CONFIG = "config.yaml"
+    METRICS = "metrics.jsonl"
+    CHECKPOINT = "checkpoint.pt"
+    WEIGHTS = "model.safetensors"
+    CARD = "model.json"
+    SUMMARY = "summary.json"
+    SKIPPED = "skipped.txt"
+    EVAL = "eval.json"
+    REPORT = "report.html"
+    REPORT_FIGURES = "report"
+    ONNX = "model.onnx"
+    TORCHSCRIPT = "model.torchscript.pt"
+    TENSORBOARD = "tensorboard"
+    EXPLAIN = "explain"
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    # ------------------------------------------------------------ settings and progress
+
+    def write_config(self, settings: dict[str, Any]) -> None:
+        write_text(self / self.CONFIG, yaml.safe_dump(settings, sort_keys=False))
+
+    def has_config(self) -> bool:
+        return (self / self.CONFIG).is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        """config.yaml as a dict; empty when it is missing or unreadable (a model can be used without it)."""
+        try:
+            data = yaml.safe_load((self / self.CONFIG).read_text())
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def start_metrics(self) -> None:
+        write_text(self / self.METRICS, "")
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        path = self / self.METRICS
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise CnnlabError(f"Cannot write {path}: {exc.strerror or exc}.") from None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The per-epoch records, in order; [] when there are none. A damaged line is an error."""
+        path = self / self.METRICS
+        try:
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+        except OSError:
+            return []
+        try:
+            return [json.loads(line) for line in lines]
+        except json.JSONDecodeError:
+            raise CnnlabError(f"{path} holds a line that is not JSON; the run directory is damaged.") from None
+
+    def keep_metrics(self, epochs: int) -> None:
+        """Keep the records of the first `epochs` epochs only (a resumed run rewrites the rest)."""
+        kept = [r for r in self.read_metrics() if r["epoch"] <= epochs]
+        write_text(self / self.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_skipped(self, lines: list[str]) -> None:
+        """The files a folder dataset left out, one `path: reason` a line."""
+        if lines:
+            write_text(self / self.SKIPPED, "".join(f"{line}\n" for line in lines))
+
+    # ------------------------------------------------------------ training state
+
+    def has_checkpoint(self) -> bool:
+        return (self / self.CHECKPOINT).is_file()
+
+    def write_checkpoint(self, state: dict[str, Any]) -> None:
+        import torch
+
+        def write(tmp: Path) -> None:
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as exc:  # torch's file writer reports a full disk this way
+                raise OSError(str(exc).splitlines()[0]) from None
+        atomic_write(self / self.CHECKPOINT, write)
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        """The training state, without unpickling arbitrary objects (weights_only=True)."""
+        import torch
+
+        path = self / self.CHECKPOINT
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CnnlabError(f"{path} is not a valid cnnlab checkpoint ({type(exc).__name__}).") from None
+
+    # ------------------------------------------------------------ the model
+
+    def write_model(self, state: dict[str, Any], card: ModelCard) -> ModelCard:
+        """Write model.safetensors, then model.json with the weights' sha256; returns that card."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        weights = self / self.WEIGHTS
+        atomic_write(weights, lambda tmp: save_file(tensors, str(tmp)))
+        card = card.with_weights(sha256_file(weights))
+        write_json(self / self.CARD, card.to_json())
+        return card
+
+    def read_card(self) -> ModelCard:
+        """model.json, checked; a missing, malformed or inconsistent file is a CnnlabError."""
+        path = self / self.CARD
+        if not self.exists():
+            raise CnnlabError(f"Run directory {self} does not exist.")
+        if not path.is_file():
+            raise CnnlabError(f"{self} holds no {self.CARD}; is it a finished cnnlab run directory?")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise CnnlabError(f"{path} is not valid JSON; the run directory is damaged.") from None
+        return ModelCard.from_json(data, str(path))
+
+    def read_weights(self, card: ModelCard) -> dict[str, Any]:
+        """The state dict from model.safetensors, after checking its sha256 against the card."""
+        from safetensors.torch import load_file
+
+        path = self / self.WEIGHTS
+        if not path.is_file():
+            raise CnnlabError(f"{self} holds no {self.WEIGHTS}.")
+        if sha256_file(path) != card.weights_sha256:
+            raise CnnlabError(f"{path} does not match the sha256 in {self.CARD}; the weights were changed or damaged.")
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for malformed files
+            raise CnnlabError(f"{path} is not a valid safetensors file ({first_line(exc)}).") from None
+
+    # ------------------------------------------------------------ results
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self / self.SUMMARY, summary)
+
+    def is_finished(self) -> bool:
+        return (self / self.SUMMARY).is_file()
+
+    def read_summary(self) -> dict[str, Any]:
+        """summary.json, or {} when it is missing or damaged: the model can be used without it."""
+        try:
+            summary = json.loads((self / self.SUMMARY).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return summary if isinstance(summary, dict) else {}
+
+    def write_eval(self, report: dict[str, Any]) -> None:
+        write_json(self / self.EVAL, report)

@@ -1,0 +1,191 @@
+"""The training configuration: one typed dataclass, mirrored by CLI flags and YAML files.
+
+Flags override the YAML file, unknown keys are errors, and the resolved config is saved
+as `config.yaml` in every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import CnnlabError, InvalidSetting
+from ..images.spec import DEFAULT_TTA, TTA_MODES
+from .recipes import get_recipe
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = _opt("fast", "training preset (see `cnnlab recipes`); other settings override it")
+    # data
+    dataset: str = _opt("fashion-mnist", "dataset name (see `cnnlab datasets`) or folder:PATH")
+    val_split: float = _opt(0.1, "fraction of the training split held out for validation (0 = none)")
+    limit_train: int | None = _opt(None, "train on a stratified subset of this many images")
+    image_size: int | None = _opt(None, "side in pixels for folder datasets (default: median size, capped at 64)")
+    download: bool = _opt(True, "download torchvision datasets that are not on disk")
+    # augmentation (whole-batch tensor ops)
+    translate: int = _opt(2, "random translation in pixels (reflect-padded random crop); 0 = off")
+    translate_off_epochs: int = _opt(0, "train the last N epochs without random translation (flips stay)")
+    low_res: int | None = _opt(None, "progressive resizing: image side for the first --low-res-epochs epochs")
+    low_res_epochs: int = _opt(0, "epochs trained at --low-res before switching to the full size")
+    flip: str = _opt("auto", "random horizontal flips: auto = on unless the dataset is digits", ("auto", "on", "off"))
+    # model
+    model: str = _opt("fastnet", "architecture (see `cnnlab models`), or tv:NAME for torchvision's")
+    model_args: dict = _opt({}, "keyword arguments for the architecture, e.g. {widths: [32, 64, 128]}")
+    whiten: bool = _opt(False, "start the first convolution as whitening filters of the training images' patches, "
+                               "frozen (faster early learning)")
+    # optimisation
+    epochs: int = _opt(4, "passes over the training set")
+    batch_size: int = _opt(256, "images per optimiser step")
+    optimizer: str = _opt("sgd", "sgd (Nesterov momentum) or adamw", ("sgd", "adamw"))
+    lr: float = _opt(0.2, "peak learning rate, per 256 images (scaled linearly with batch size)")
+    momentum: float = _opt(0.9, "SGD momentum / AdamW beta1")
+    weight_decay: float = _opt(5e-4, "decoupled for AdamW, L2 for SGD; not applied to norms and biases")
+    warmup_epochs: float = _opt(0.5, "linear warm-up from lr/10 to the peak, in epochs")
+    schedule: str = _opt("linear", "decay after warm-up: linear to zero, cosine to zero, or constant",
+                         ("linear", "cosine", "constant"))
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss (0 = off)")
+    ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights, per step (0 = off)")
+    tta: str = _opt(DEFAULT_TTA, "test-time augmentation used by evaluate/predict, recorded in model.json",
+                    TTA_MODES)
+    # machine
+    seed: int = _opt(0, "seed for weights, data order, hold-out and augmentation")
+    device: str = _opt("auto", "auto picks cuda, then mps, then cpu", ("auto", "cpu", "cuda", "mps"))
+    precision: str = _opt("auto", "auto = bf16 autocast where the hardware supports it", ("auto", "bf16", "fp32"))
+    channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
+    threads: int | None = _opt(None, "CPU threads for PyTorch (default: PyTorch's choice)")
+    # distributed (torchrun or --nproc)
+    sync_bn: bool = _opt(False, "share batch-norm statistics across distributed processes (SyncBatchNorm; GPUs only)")
+    dist_timeout: float = _opt(300.0, "seconds a distributed process waits for the others before it gives up")
+    # output
+    out: str | None = _opt(None, "run directory (default: runs/<dataset>-<model>-<timestamp>)")
+    progress: bool = _opt(True, "show a progress bar per epoch")
+    eval_test: bool = _opt(False, "also measure test accuracy after every epoch (for benchmarks; not timed)")
+    checkpoint_every_steps: int = _opt(0, "also save the training state every N batches, mid-epoch (0 = once per epoch)")
+    tensorboard: bool = _opt(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)")
+
+    def validate(self) -> "TrainConfig":
+        """Check values a user can get wrong; raise InvalidSetting naming the field, in one sentence."""
+        for name in ("epochs", "batch_size"):
+            self._require(name, getattr(self, name) >= 1, "must be at least 1")
+        if self.limit_train is not None:
+            self._require("limit_train", self.limit_train >= 1, "must be at least 1")
+        if self.image_size is not None:
+            self._require("image_size", 4 <= self.image_size <= 1024, "must be between 4 and 1024 pixels")
+        if self.low_res is not None:
+            self._require("low_res", self.low_res >= 8, "must be at least 8 pixels")
+        for name in ("checkpoint_every_steps", "translate_off_epochs", "low_res_epochs"):
+            self._require(name, getattr(self, name) >= 0, "must not be negative")
+        self._require("val_split", 0 <= self.val_split < 1, "must be in [0, 1)")
+        self._require("lr", self.lr > 0, "must be positive")
+        for name in ("weight_decay", "warmup_epochs", "translate"):
+            self._require(name, getattr(self, name) >= 0, "must not be negative")
+        for name in ("label_smoothing", "ema_decay", "momentum"):
+            self._require(name, 0 <= getattr(self, name) < 1, "must be in [0, 1)")
+        self._require("dist_timeout", self.dist_timeout > 0, "must be a positive number of seconds")
+        if self.threads is not None:
+            self._require("threads", self.threads >= 1, "must be at least 1")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices:
+                self._require(f.name, getattr(self, f.name) in choices, f"must be one of {', '.join(choices)}")
+        if not isinstance(self.model_args, dict):
+            raise InvalidSetting("model_args", "must be a mapping of argument names to values.")
+        return self
+
+    def _require(self, name: str, ok: bool, problem: str) -> None:
+        if not ok:
+            value = getattr(self, name)
+            raise InvalidSetting(name, f"{problem}, got {repr(value) if isinstance(value, str) else value}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_types() -> dict[str, type]:
+    """The plain type of each config field (Optional[X] -> X)."""
+    hints = typing.get_type_hints(TrainConfig)
+    plain = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            hint = args[0]
+        plain[name] = typing.get_origin(hint) or hint
+    return plain
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a YAML or keyword value to the field's type, or raise CnnlabError."""
+    types_ = field_types()
+    if name not in types_:
+        known = ", ".join(sorted(types_))
+        raise CnnlabError(f"Unknown configuration key {name!r}; known keys: {known}.")
+    want = types_[name]
+    if value is None:
+        default = next(f for f in dataclasses.fields(TrainConfig) if f.name == name).default
+        if default is None:
+            return None
+        raise CnnlabError(f"Configuration key {name!r} must not be empty.")
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is bool and not isinstance(value, bool):
+        raise CnnlabError(f"Configuration key {name!r} must be true or false, got {value!r}.")
+    if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise CnnlabError(f"Configuration key {name!r} must be an integer, got {value!r}.")
+    if not isinstance(value, want):
+        raise CnnlabError(f"Configuration key {name!r} must be of type {want.__name__}, got {value!r}.")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict of checked values."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnnlabError(f"Config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise CnnlabError(f"Config file {path} is not valid YAML{at}; fix its syntax.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CnnlabError(f"Config file {path} must hold a mapping of keys to values.")
+    return {_key(k): coerce(_key(k), v) for k, v in data.items()}
+
+
+def _key(k: Any) -> str:
+    return str(k).replace("-", "_")
+
+
+def make_config(config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the recipe's settings, then the YAML file, then keyword overrides; validated."""
+    given = load_yaml(config_file) if config_file is not None else {}
+    given.update({_key(k): coerce(_key(k), v) for k, v in overrides.items()})
+    settings = dict(get_recipe(given.get("recipe", TrainConfig.recipe)).settings)
+    if given.get("model", settings.get("model")) != settings.get("model"):
+        settings.pop("model_args", None)  # the recipe's architecture arguments belong to its own model
+    return TrainConfig(**{**settings, **given}).validate()
+
+
+def default_settings() -> dict[str, tuple[Any, str | None]]:
+    """What a run gets for each field that is not given: (value, the recipe it comes from, or
+    None for TrainConfig's own default). The default recipe's settings stand over the dataclass's."""
+    recipe = get_recipe(TrainConfig.recipe)
+    plain = TrainConfig().to_dict()
+    return {name: (recipe.settings[name], recipe.name) if name in recipe.settings else (value, None)
+            for name, value in plain.items()}

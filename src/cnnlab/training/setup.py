@@ -1,0 +1,205 @@
+"""The training setup: what `train`, `lr_find` and the benchmarks build from a TrainConfig before
+the first step (device, data, loaders, model, optimiser, schedule, loss, weight average).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from ..data.batches import BatchLoader, Normalize, channel_stats
+from ..data.load import load_dataset
+from ..data.split import DatasetBundle, Split, stratified_subset
+from ..devices import bf16_supported, resolve_device
+from ..errors import InvalidSetting
+from ..images.tensors import resize
+from ..models.registry import check_model_name, create_model
+from ..models.whitening import whiten_first_conv
+from . import distributed
+from .config import TrainConfig
+
+LR_BATCH = 256  # TrainConfig.lr is the rate per this many images; the optimiser's scales with the batch
+EVAL_BATCH = 1024  # images per forward pass when evaluating: no gradients, so larger is cheaper
+WHITEN_SAMPLE = 10_000  # training images whose patches give the whitening filters
+
+
+@dataclass
+class TrainingData:
+    """The dataset and the batches drawn from it: this process's shard of the training batches
+    (and of a downscaled copy for progressive resizing), and its share of the evaluation splits."""
+    config: TrainConfig
+    bundle: DatasetBundle
+    mean: list[float]  # per channel, of the training images on the 0-1 scale: recorded in the model card
+    std: list[float]
+    normalize: Normalize
+    flip: bool  # random horizontal flips in training, and in flip test-time augmentation
+    train_loader: BatchLoader
+    low_loader: BatchLoader | None
+    val_loader: BatchLoader | None
+    test_loader: BatchLoader
+
+    def loader_for(self, epoch: int) -> BatchLoader:
+        """The batches of `epoch` (1-based): low resolution first, the last epochs unshifted."""
+        config = self.config
+        if self.low_loader is not None and epoch <= config.low_res_epochs:
+            return self.low_loader
+        self.train_loader.translate = 0 if epoch > config.epochs - config.translate_off_epochs else config.translate
+        return self.train_loader
+
+
+@dataclass
+class TrainingSetup:
+    config: TrainConfig
+    ctx: distributed.Context
+    device: torch.device
+    bf16: bool
+    data: TrainingData
+    model: nn.Module  # the plain model, whose state is saved
+    net: nn.Module  # what the training steps run: `model`, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_fn: nn.Module
+    ema: AveragedModel | None
+
+    @property
+    def final(self) -> nn.Module:
+        """The weights that are evaluated and saved: the average where one is kept."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars: wanted, and this process is the one that prints."""
+        return self.config.progress and self.ctx.main
+
+
+def build_setup(config: TrainConfig, ctx: distributed.Context = distributed.SINGLE,
+                device: torch.device | None = None, *, bundle: DatasetBundle | None = None) -> TrainingSetup:
+    """Everything training starts from, seeded by config.seed. `device` defaults to config.device;
+    `bundle`, where given, is used instead of loading config.dataset (its limit_train still applies).
+    Every process of a distributed run builds the same and starts from rank 0's weights."""
+    check_model_name(config.model)  # before minutes of data loading, not after
+    if config.batch_size % ctx.world:
+        raise InvalidSetting("batch_size", f"must be divisible by the {ctx.world} processes (it is the global "
+                                           f"batch, shared out equally), got {config.batch_size}.")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device) if device is None else device
+    torch.manual_seed(config.seed)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(device))
+    data = load_training_data(config, ctx, device, bundle=bundle)
+
+    model = create_model(config.model, data.bundle.in_channels, len(data.bundle.class_names), **config.model_args)
+    model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    if config.whiten:
+        whiten(model, data.bundle.train, data.normalize)
+    net = distributed.wrap(model, ctx, device, config.sync_bn)
+    model = net.module if ctx.active else model
+    optimizer = make_optimizer(model, config)
+    scheduler = make_schedule(optimizer, config, len(data.train_loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    ema = None
+    if config.ema_decay > 0:  # averages batch-norm buffers too, so the averaged model is usable as is
+        ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(config.ema_decay), use_buffers=True)
+    return TrainingSetup(config, ctx, device, bf16, data, model, net, optimizer, scheduler, loss_fn, ema)
+
+
+def load_training_data(config: TrainConfig, ctx: distributed.Context, device: torch.device, *,
+                       bundle: DatasetBundle | None = None) -> TrainingData:
+    if bundle is None:
+        bundle = load_dataset(config.dataset, val_split=config.val_split, seed=config.seed,
+                              image_size=config.image_size, download=config.download,
+                              progress=config.progress and ctx.main)
+    if config.limit_train is not None:
+        bundle.train = bundle.train.subset(stratified_subset(bundle.train.labels, config.limit_train, config.seed))
+    if device.type == "cuda":  # the whole uint8 training set on the GPU: batches never cross the bus
+        bundle.train = Split(bundle.train.images.to(device), bundle.train.labels.to(device))
+    mean, std = channel_stats(bundle.train.images)
+    normalize = Normalize(mean, std, device, config.channels_last)
+    flip = {"on": True, "off": False}.get(config.flip, bundle.allow_flip)
+    train_loader, low_loader = _train_loaders(config, bundle, normalize, flip, ctx)
+    val_loader = _eval_loader(bundle.val, normalize, ctx) if bundle.val is not None else None
+    return TrainingData(config, bundle, mean, std, normalize, flip, train_loader, low_loader, val_loader,
+                        _eval_loader(bundle.test, normalize, ctx))
+
+
+def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normalize, flip: bool,
+                   ctx: distributed.Context) -> tuple[BatchLoader, BatchLoader | None]:
+    """The training batches (this process's shard of them), and with progressive resizing
+    those of a downscaled copy."""
+    shard = dict(rank=ctx.rank, world=ctx.world)
+    train_loader = BatchLoader(bundle.train, config.batch_size, normalize, shuffle=True, translate=config.translate,
+                               flip=flip, seed=config.seed, drop_last=True, **shard)
+    if not (config.low_res and config.low_res_epochs and config.low_res < min(bundle.image_size)):
+        return train_loader, None
+    # Early epochs on a downscaled copy cost (low/full)^2 of the compute, and the networks
+    # (global pooling) take any size. Sharing the generator keeps one seeded data order.
+    low = Split(resize(bundle.train.images, (config.low_res, config.low_res)), bundle.train.labels)
+    translate = max(1, config.translate * config.low_res // min(bundle.image_size)) if config.translate else 0
+    low_loader = BatchLoader(low, config.batch_size, normalize, shuffle=True, translate=translate, flip=flip,
+                             drop_last=True, **shard)
+    low_loader.generator = train_loader.generator
+    return train_loader, low_loader
+
+
+def _eval_loader(split: Split, normalize: Normalize, ctx: distributed.Context) -> BatchLoader:
+    """Evaluation batches of this process's contiguous share of `split` (all of it when alone)."""
+    if ctx.active:
+        start, end = distributed.shard_rows(len(split), ctx)
+        split = split.subset(torch.arange(start, end))
+    return BatchLoader(split, EVAL_BATCH, normalize, shuffle=False)
+
+
+def whiten(model: nn.Module, split: Split, normalize: Normalize) -> None:
+    """config.whiten: the first layer from a fixed sample of the training images (so every
+    process of a distributed run agrees), read a few MiB at a time."""
+    sample, step = min(len(split), WHITEN_SAMPLE), max(1, 2 ** 16 // math.prod(split.images.shape[2:]))
+    whiten_first_conv(model, (normalize(split.images[i:min(i + step, sample)]) for i in range(0, sample, step)))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """config.optimizer at `lr` (per LR_BATCH images; default config.lr), scaled to config.batch_size."""
+    # Norm weights and biases are not decayed: shrinking them only fights batch norm.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = (config.lr if lr is None else lr) * config.batch_size / LR_BATCH
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(config.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier: linear warm-up from 1/10 of the peak, then linear/cosine decay to 0."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _ema_with_warmup(decay: float):
+    """EMA whose decay ramps up as (1 + n) / (10 + n) towards `decay`: without the ramp the
+    random initial weights linger in the average for hundreds of steps."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor | int) -> None:
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        pairs = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], 1 - d)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():  # counters such as num_batches_tracked
+                a.copy_(c)
+    return update

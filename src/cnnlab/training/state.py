@@ -1,0 +1,116 @@
+"""The training state in checkpoint.pt: `TrainingState` saves and restores it, one mirroring the
+other, so a resumed run (mid-epoch included) continues exactly where the saved one stood.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..data.batches import BatchLoader
+from ..errors import CnnlabError
+from ..rundir import RunDir
+from . import distributed
+from .loop import EpochStats, Totals, TrainingDiverged
+from .setup import TrainingSetup
+
+# checkpoint.pt, key by key (the layout cnnlab 0.1.0 wrote, still read):
+_PROGRESS = ("epochs_done", "step", "train_seconds", "images_seen", "best_val", "loader")  # TrainingState's fields
+_OBJECTS = ("model", "optimizer", "scheduler", "ema")  # the setup's objects' state_dicts (ema: None without one)
+_PER_PROCESS = ("torch_rng", "totals")  # one value alone, a list by rank from a distributed run ("world" processes)
+
+
+@dataclass
+class TrainingState:
+    """Where training stands, beyond the weights and the optimiser."""
+    epochs_done: int = 0
+    step: int = 0  # batches done in epoch epochs_done + 1
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    best_val: float = float("nan")
+    loader: dict[str, torch.Tensor] | None = None  # the batch order and random draws of the epoch in progress
+    totals: dict[str, Any] | None = None  # this process's running sums of that epoch, when saved mid-epoch
+
+    # ------------------------------------------------------------ checkpoint.pt, both ways
+
+    def save(self, run: RunDir, setup: TrainingSetup, loader: BatchLoader, totals: Totals | None = None,
+             step: int = 0) -> None:
+        """Save the training state; mid-epoch (step > 0) with the epoch's running sums (every
+        process's, in a distributed run). Every process calls this; rank 0 writes."""
+        if totals is not None and not torch.isfinite(totals.loss):
+            raise TrainingDiverged(f"The loss became {totals.loss.item()} in epoch {self.epochs_done + 1}")
+        self.step = step
+        sums = None if totals is None else {"loss": totals.loss.cpu(), "correct": totals.correct.cpu(),
+                                            "seen": totals.seen, "seconds": totals.seconds}
+        saved = dataclasses.replace(self, loader=loader.state(), totals=sums)  # the loop keeps its own position
+        ctx = setup.ctx
+        per_process = distributed.gather_objects(ctx, (torch.get_rng_state(), saved.totals))
+        if not ctx.main:
+            return
+        checkpoint: dict[str, Any] = {key: getattr(saved, key) for key in _PROGRESS}
+        checkpoint.update({key: _state_dict(obj) for key, obj in _objects(setup).items()})
+        checkpoint.update({key: values[0] if not ctx.active else list(values)
+                           for key, values in zip(_PER_PROCESS, zip(*per_process))})
+        checkpoint["world"] = ctx.world
+        run.write_checkpoint(checkpoint)
+
+    @classmethod
+    def restore(cls, checkpoint: dict[str, Any], setup: TrainingSetup, run: RunDir) -> "TrainingState":
+        """Load a checkpoint into the setup's objects and this process's random state."""
+        ctx, written_by = setup.ctx, checkpoint.get("world", 1)
+        if checkpoint.get("step") and written_by != ctx.world:
+            raise CnnlabError(f"{run / run.CHECKPOINT} was saved mid-epoch by {written_by} process(es); resume it "
+                              f"with {written_by} (an end-of-epoch checkpoint resumes with any number).")
+        try:
+            for key, obj in _objects(setup).items():
+                if obj is not None:
+                    obj.load_state_dict(checkpoint[key])
+            rng, totals = (checkpoint[key] for key in _PER_PROCESS)
+            if isinstance(rng, list):  # a distributed run's: one per process
+                rng, totals = rng[ctx.rank % len(rng)], totals[ctx.rank % len(totals)]
+            torch.set_rng_state(rng)
+            return cls(**{key: checkpoint[key] for key in _PROGRESS}, totals=totals)
+        except (KeyError, TypeError, RuntimeError, ValueError, IndexError) as exc:
+            raise CnnlabError(f"{run / run.CHECKPOINT} does not fit this run's model and settings "
+                              f"({type(exc).__name__}); start it again instead.") from None
+
+    # ------------------------------------------------------------ the epoch loop's bookkeeping
+
+    def resume_epoch(self, loader: BatchLoader, device: torch.device) -> Totals | None:
+        """Put `loader` where the saved state left it; an interrupted epoch's running sums, or None.
+        Same order, same random draws, same sums as an uninterrupted epoch."""
+        if self.loader is not None:
+            loader.resume_at(self.loader, self.step)
+        if not self.step:
+            return None
+        return Totals(self.totals["loss"].to(device), self.totals["correct"].to(device), self.totals["seen"],
+                      self.totals["seconds"])
+
+    def end_epoch(self, epoch: int, stats: EpochStats, val_acc: float | None) -> None:
+        self.epochs_done, self.step, self.loader, self.totals = epoch, 0, None, None
+        self.train_seconds += stats.seconds
+        self.images_seen += stats.images
+        if val_acc is not None and not val_acc <= self.best_val:  # NaN until the first
+            self.best_val = val_acc
+
+    def mid_epoch_saver(self, run: RunDir, setup: TrainingSetup,
+                        loader: BatchLoader) -> Callable[[int, Totals], None]:
+        """train_one_epoch's after_step: a checkpoint every config.checkpoint_every_steps batches."""
+        return functools.partial(self._after_step, run, setup, loader)
+
+    def _after_step(self, run: RunDir, setup: TrainingSetup, loader: BatchLoader, step: int, totals: Totals) -> None:
+        every = setup.config.checkpoint_every_steps
+        if every and (step + 1) % every == 0 and step + 1 < len(loader):
+            self.save(run, setup, loader, totals, step + 1)
+
+
+def _objects(setup: TrainingSetup) -> dict[str, Any]:
+    return dict(zip(_OBJECTS, (setup.model, setup.optimizer, setup.scheduler, setup.ema)))
+
+
+def _state_dict(obj: Any) -> dict[str, Any] | None:
+    return obj.state_dict() if obj is not None else None
