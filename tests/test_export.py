@@ -187,7 +187,8 @@ def make_run(run_dir: Path, architecture: str, like: Path, images: torch.Tensor)
     with torch.no_grad():
         model.train()(Normalize(card.mean, card.std, torch.device("cpu"), channels_last=False)(images))
     run_dir.mkdir(parents=True)
-    RunDir(run_dir).write_model(model.eval().state_dict(), dataclasses.replace(card, architecture=architecture, model_args={}))
+    RunDir(run_dir).write_model(model.eval().state_dict(),
+                                dataclasses.replace(card, architecture=architecture, model_args={}))
     return run_dir
 
 

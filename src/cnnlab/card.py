@@ -3,20 +3,28 @@
 Everything a trained model needs beside its weights to classify an image (architecture, classes,
 input channels and size, normalisation, test-time augmentation) travels in it. It is parsed and
 checked here and nowhere else: the torch classifier, serve, export, the report and the ONNX
-runtime all read it through `ModelCard.from_json`.
+runtime all read it through `ModelCard.read` (model.json) or `ModelCard.from_json` (the metadata
+an exported file carries).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import CnnlabError
+from .files import write_json
 from .images.spec import DEFAULT_TTA, TTA_MODES
 
 FORMAT_VERSION = 1
+EXPORT_FORMAT = 1  # version of the metadata layout an exported model carries; a newer one is refused
+# the card's fields an exported model carries: all it needs to run (its graph is the architecture)
+EXPORTED_FIELDS = ("architecture", "num_classes", "class_names", "in_channels", "image_size", "mean", "std",
+                   "tta", "tta_flip", "weights_sha256")
 MAX_IMAGE_SIDE = 4096  # pixels; larger sides in model.json are damage, not a model
 
 
@@ -62,6 +70,46 @@ class ModelCard:
 
     def with_weights(self, sha256: str) -> "ModelCard":
         return dataclasses.replace(self, weights_sha256=sha256)
+
+    @classmethod
+    def read(cls, path: Path) -> "ModelCard":
+        """Parse and check a model.json file."""
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise DamagedCard(f"{path} is not valid JSON; the run directory is damaged.") from None
+        return cls.from_json(data, str(path))
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.to_json())
+
+    def exported(self, version: str) -> dict[str, Any]:
+        """What an exported model carries (TorchScript as one JSON file)."""
+        fields = self.to_json()
+        return {"cnnlab_export_format": EXPORT_FORMAT, "cnnlab_version": version,
+                **{key: fields[key] for key in EXPORTED_FIELDS}}
+
+    def to_properties(self, version: str) -> dict[str, str]:
+        """`exported` as an ONNX file's metadata: string properties, each JSON-encoded."""
+        return {key: json.dumps(value) for key, value in self.exported(version).items()}
+
+    @classmethod
+    def from_properties(cls, props: dict[str, str], source: str) -> "ModelCard":
+        """The inverse of to_properties; a model cnnlab did not export is a CnnlabError."""
+        missing = [key for key in ("cnnlab_export_format", *EXPORTED_FIELDS) if key not in props]
+        if missing:
+            raise DamagedCard(f"{source} lacks the cnnlab metadata {', '.join(missing)}; "
+                              "export it with `cnnlab export RUN_DIR --format onnx`.")
+        try:
+            values = {key: json.loads(props[key]) for key in ("cnnlab_export_format", *EXPORTED_FIELDS)}
+        except json.JSONDecodeError:
+            raise DamagedCard(f"{source} holds malformed cnnlab metadata; export it again.") from None
+        version = values.pop("cnnlab_export_format")
+        if not _is(version, int) or version > EXPORT_FORMAT:
+            raise DamagedCard(f"{source} was exported by a newer cnnlab (format {version}); upgrade cnnlab.")
+        # the exported graph is the architecture: its arguments are not needed to run it
+        return cls.from_json({**values, "model_args": {}, "format_version": FORMAT_VERSION},
+                             f"the cnnlab metadata of {source}")
 
     @classmethod
     def from_json(cls, data: Any, source: str = "the model card") -> "ModelCard":

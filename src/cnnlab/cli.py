@@ -104,7 +104,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
             raise InvalidSetting("batch_size", f"must be divisible by --nproc {ns.nproc} (it is the global batch, "
                                                f"shared out equally), got {config.batch_size}.")
         if ns.nproc > 1:  # the same command again in N processes, through torchrun's launcher
-            return distributed.launch(ns.nproc, _without_nproc(ns.argv), getattr(ns, "dist_timeout", TrainConfig.dist_timeout))
+            timeout = getattr(ns, "dist_timeout", TrainConfig.dist_timeout)
+            return distributed.launch(ns.nproc, _without_nproc(ns.argv), timeout)
     if config is None:
         train(resume=ns.resume, **{k: getattr(ns, k) for k in _RESUME_FLAGS if hasattr(ns, k)})
     else:

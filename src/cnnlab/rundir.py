@@ -139,7 +139,7 @@ class RunDir:
         weights = self / self.WEIGHTS
         atomic_write(weights, lambda tmp: save_file(tensors, str(tmp)))
         card = card.with_weights(sha256_file(weights))
-        write_json(self / self.CARD, card.to_json())
+        card.write(self / self.CARD)
         return card
 
     def read_card(self) -> ModelCard:
@@ -149,11 +149,7 @@ class RunDir:
             raise CnnlabError(f"Run directory {self} does not exist.")
         if not path.is_file():
             raise CnnlabError(f"{self} holds no {self.CARD}; is it a finished cnnlab run directory?")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise CnnlabError(f"{path} is not valid JSON; the run directory is damaged.") from None
-        return ModelCard.from_json(data, str(path))
+        return ModelCard.read(path)
 
     def read_weights(self, card: ModelCard) -> dict[str, Any]:
         """The state dict from model.safetensors, after checking its sha256 against the card."""

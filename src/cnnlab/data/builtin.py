@@ -19,6 +19,7 @@ import torchvision.datasets as tvd
 
 from ..errors import CnnlabError, DatasetNotFound
 from ..files import cache_dir
+from ..registry import Registry
 from .split import Split
 
 
@@ -40,22 +41,19 @@ class DatasetSource:
         return None
 
 
-_SOURCES: dict[str, DatasetSource] = {}
+_SOURCES: Registry[DatasetSource] = Registry("dataset", also="folder:PATH")
 
 
 def register_dataset(source: DatasetSource) -> DatasetSource:
-    _SOURCES[source.name] = source
-    return source
+    return _SOURCES.register(source.name, source)
 
 
 def list_datasets() -> list[str]:
-    return list(_SOURCES)
+    return _SOURCES.names()
 
 
 def get_source(name: str) -> DatasetSource:
-    if name not in _SOURCES:
-        raise CnnlabError(f"Unknown dataset {name!r}; choose one of {', '.join(_SOURCES)} or folder:PATH.")
-    return _SOURCES[name]
+    return _SOURCES.get(name)
 
 
 def _user_folders(*subdirs: str) -> Callable[[], list[Path]]:

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..card import ModelCard
 from ..data.load import load_dataset
 from ..errors import CnnlabError
 from ..files import atomic_write
 from ..models.classifier import Classifier
 from ..rundir import RunDir
-from .onnx_runtime import encode_metadata
 
 TOLERANCE = 1e-4  # largest |logit difference| from PyTorch fp32 an exported file may show
 CHECK_IMAGES = 256  # test images the check runs, at most
@@ -49,13 +49,13 @@ class ExportResult:
 @dataclass(frozen=True)
 class ExportFormat:
     filename: str  # default name inside the run directory
-    write: Callable[[nn.Module, torch.Tensor, dict[str, str], Path], None]  # (model, example, metadata, path)
+    write: Callable[[nn.Module, torch.Tensor, ModelCard, Path], None]  # (model, example, card, path)
     run: Callable[[Path, torch.Tensor], np.ndarray]  # logits of the exported file for a float batch
 
 
 # ---------------------------------------------------------------- the formats
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, str], path: Path) -> None:
+def _write_onnx(model: nn.Module, example: torch.Tensor, card: ModelCard, path: Path) -> None:
     # torch.export-based exporter; a batch of 2 in the example keeps torch.export from
     # specialising the batch axis to 1.
     try:
@@ -66,7 +66,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, str
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0]  # without terminal colours
         raise CnnlabError(f"PyTorch cannot export this network to ONNX: {first}") from None
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, metadata)
+    onnx.helper.set_model_props(proto, card.to_properties(__version__))
     onnx.save_model(proto, str(path))
 
 
@@ -77,12 +77,11 @@ def _run_onnx(path: Path, images: torch.Tensor) -> np.ndarray:
                            for chunk in images.split(CHECK_BATCH)])
 
 
-def _write_torchscript(model: nn.Module, example: torch.Tensor, metadata: dict[str, str], path: Path) -> None:
-    decoded = {key: json.loads(value) for key, value in metadata.items()}
+def _write_torchscript(model: nn.Module, example: torch.Tensor, card: ModelCard, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.* is deprecated")
         traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: json.dumps(decoded)})
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: json.dumps(card.exported(__version__))})
 
 
 def _run_torchscript(path: Path, images: torch.Tensor) -> np.ndarray:
@@ -157,14 +156,13 @@ def export_model(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None 
     inputs = classifier.prepare(images)
     with torch.inference_mode():
         expected = torch.cat([model(chunk).float() for chunk in inputs.split(CHECK_BATCH)]).numpy()
-    metadata = encode_metadata(classifier.card, __version__)
     example = inputs[:2] if len(inputs) >= 2 else torch.zeros(2, *inputs.shape[1:])
 
     diffs: list[float] = []
 
     def write_and_check(tmp: Path) -> None:
         with torch.no_grad():
-            FORMATS[fmt].write(model, example.clone(), metadata, tmp)
+            FORMATS[fmt].write(model, example.clone(), classifier.card, tmp)
         try:
             diffs.append(verify_export(tmp, fmt, inputs, expected))
         except CnnlabError as exc:  # atomic_write removes the temporary file

@@ -7,7 +7,6 @@ numpy twin of what the torch classifier does.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -20,40 +19,9 @@ from ..errors import CnnlabError
 from ..images.arrays import as_uint8, drop_alpha, fit, pil_to_array, read_image, softmax, tta_logits
 from ..rundir import RunDir
 
-EXPORT_FORMAT = 1  # version of the metadata layout below; a newer one is refused
-# model card fields stored, JSON-encoded, one metadata property each
-METADATA_KEYS = ("architecture", "num_classes", "class_names", "in_channels", "image_size", "mean", "std",
-                 "tta", "tta_flip", "weights_sha256")
 PREDICT_BATCH = 256  # images per forward pass in predict
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
-
-
-# ---------------------------------------------------------------- metadata
-
-def encode_metadata(card: ModelCard, version: str) -> dict[str, str]:
-    """The model card -> the string properties stored in an exported model."""
-    fields = card.to_json()
-    values = {"cnnlab_export_format": EXPORT_FORMAT, "cnnlab_version": version,
-              **{k: fields[k] for k in METADATA_KEYS}}
-    return {key: json.dumps(value) for key, value in values.items()}
-
-
-def decode_metadata(props: dict[str, str], source: str | Path) -> ModelCard:
-    """The inverse of encode_metadata; a model cnnlab did not export is a CnnlabError."""
-    missing = [k for k in ("cnnlab_export_format", *METADATA_KEYS) if k not in props]
-    if missing:
-        raise CnnlabError(f"{source} lacks the cnnlab metadata {', '.join(missing)}; "
-                          "export it with `cnnlab export RUN_DIR --format onnx`.")
-    try:
-        values = {key: json.loads(props[key]) for key in ("cnnlab_export_format", *METADATA_KEYS)}
-    except json.JSONDecodeError:
-        raise CnnlabError(f"{source} holds malformed cnnlab metadata; export it again.") from None
-    version = values.pop("cnnlab_export_format")
-    if not isinstance(version, int) or version > EXPORT_FORMAT:
-        raise CnnlabError(f"{source} was exported by a newer cnnlab (format {version}); upgrade cnnlab.")
-    # the exported graph is the architecture: its arguments are not needed to run it
-    return ModelCard.from_json({**values, "model_args": {}, "format_version": 1}, f"the cnnlab metadata of {source}")
 
 
 # ---------------------------------------------------------------- the classifier
@@ -93,7 +61,7 @@ class OnnxClassifier:
         except Exception as exc:  # onnxruntime raises its own types for malformed files
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise CnnlabError(f"{path} is not a valid ONNX model ({type(exc).__name__}: {first}).") from None
-        return cls(session, decode_metadata(session.get_modelmeta().custom_metadata_map, path))
+        return cls(session, ModelCard.from_properties(session.get_modelmeta().custom_metadata_map, str(path)))
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, C, H, W) of any size and channel count -> the normalised float32 input of the model."""

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
-from ..errors import CnnlabError
+from ..errors import CnnlabError, InvalidSetting
 from ..images.spec import TTA_MODES
 from ..models.classifier import Classifier
 from ..models.registry import count_parameters
@@ -155,7 +155,7 @@ def model_info(run_dir: Path, classifier: Classifier) -> ModelInfo:
     """What /v1/model reports: the model card plus the training results in summary.json."""
     card, summary = classifier.card, RunDir(run_dir).read_summary()
     return ModelInfo(
-        **{name: value for name, value in card.to_json().items() if name in ModelInfo.model_fields and name != "dataset"},
+        **{key: value for key, value in card.to_json().items() if key in ModelInfo.model_fields and key != "dataset"},
         name=run_dir.resolve().name, parameters=count_parameters(classifier.model),
         dataset=summary.get("dataset", card.dataset), test_accuracy=summary.get("test_accuracy"),
         train_seconds=summary.get("train_seconds"))
@@ -322,7 +322,7 @@ def _check_settings(**settings: float) -> None:
     for name, value in settings.items():
         lowest = 0 if name == "max_wait_ms" else 1
         if value < lowest:
-            raise CnnlabError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}.")
+            raise InvalidSetting(name, f"must be at least {lowest}, got {value}.")
 
 
 def _read_page() -> str:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.load import load_dataset
-from ..errors import CnnlabError
+from ..errors import CnnlabError, InvalidSetting
 from ..models.classifier import Classifier
 from ..rundir import RunDir
 from .metrics import classification_report
@@ -51,14 +51,14 @@ def score_split(run_dir: Path, classifier: Classifier, *, dataset: str | None = 
     config = RunDir(run_dir).read_config()
     name = dataset or classifier.card.dataset or config.get("dataset")
     if not name:
-        raise CnnlabError(f"{run_dir} does not record its dataset; pass --dataset.")
+        raise InvalidSetting("dataset", f"must be given: {run_dir} does not record its dataset.")
     # The run's own seed and hold-out fraction reproduce its validation split exactly.
     bundle = load_dataset(name, val_split=float(config.get("val_split", 0.1)), seed=int(config.get("seed", 0)),
                           image_size=config.get("image_size"), download=bool(config.get("download", True)),
                           progress=progress)
     data = {"test": bundle.test, "val": bundle.val}.get(split)
     if data is None:
-        raise CnnlabError(f"{name} has no {split} split for this run (it was trained with --val-split 0).")
+        raise CnnlabError(f"{name} has no {split} split for this run (it was trained with val_split 0).")
     if len(bundle.class_names) != len(classifier.class_names):
         raise CnnlabError(f"{name} has {len(bundle.class_names)} classes but the model was trained on "
                           f"{len(classifier.class_names)}; pass the dataset it was trained on.")

@@ -7,32 +7,38 @@ normalised float batch (N, C, H, W) of any reasonable size and returns logits (N
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torchvision
 from torch import nn
 
 from ..errors import CnnlabError, first_line
+from ..registry import Registry
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-_DESCRIPTIONS: dict[str, str] = {}
+
+class ModelEntry(NamedTuple):
+    build: Callable[..., nn.Module]  # build(in_channels=, num_classes=, **model_args)
+    description: str
+
+
+_MODELS: Registry[ModelEntry] = Registry("model", also="tv:NAME", sort=True)
 
 
 def register_model(name: str, description: str) -> Callable:
+    """Decorator: register a builder taking in_channels, num_classes and keyword arguments."""
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _MODELS[name] = fn
-        _DESCRIPTIONS[name] = description
+        _MODELS.register(name, ModelEntry(fn, description))
         return fn
     return wrap
 
 
 def list_models() -> list[str]:
     """Names of cnnlab's own architectures (torchvision's are reachable as tv:NAME)."""
-    return sorted(_MODELS)
+    return _MODELS.names()
 
 
 def describe_model(name: str) -> str:
-    return _DESCRIPTIONS[name]
+    return _MODELS.get(name).description
 
 
 def check_model_name(name: str) -> None:
@@ -42,8 +48,8 @@ def check_model_name(name: str) -> None:
         if name[3:] not in available:
             raise CnnlabError(f"torchvision has no classification model {name[3:]!r}; "
                               f"try one of {', '.join(available[:8])}, ...")
-    elif name not in _MODELS:
-        raise CnnlabError(f"Unknown model {name!r}; choose one of {', '.join(list_models())} or tv:NAME.")
+    else:
+        _MODELS.get(name)
 
 
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -52,7 +58,7 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
     if name.startswith("tv:"):
         return _torchvision_model(name[3:], in_channels, num_classes, **kwargs)
     try:
-        return _MODELS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+        return _MODELS.get(name).build(in_channels=in_channels, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a negative width, a dropout above 1
         raise CnnlabError(f"Bad arguments for model {name!r}: {first_line(exc)}.") from None
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CnnlabError
+from ..errors import InvalidSetting
 
 
 def whiten_first_conv(model: nn.Module, batches: Iterable[torch.Tensor], eps: float = 1e-2) -> int:
@@ -21,7 +21,7 @@ def whiten_first_conv(model: nn.Module, batches: Iterable[torch.Tensor], eps: fl
     will see them (the covariance is summed batch by batch). Returns the number of filters set."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None or conv.groups != 1 or isinstance(conv.padding, str):
-        raise CnnlabError("--whiten needs a model whose first layer is an ordinary convolution.")
+        raise InvalidSetting("whiten", "needs a model whose first layer is an ordinary convolution.")
     size = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     cov, count = torch.zeros(size, size, dtype=torch.float64), 0
     for images in batches:

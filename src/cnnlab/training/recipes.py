@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CnnlabError
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -19,22 +19,19 @@ class Recipe:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-_RECIPES: dict[str, Recipe] = {}
+_RECIPES: Registry[Recipe] = Registry("recipe")
 
 
 def register_recipe(recipe: Recipe) -> Recipe:
-    _RECIPES[recipe.name] = recipe
-    return recipe
+    return _RECIPES.register(recipe.name, recipe)
 
 
 def list_recipes() -> list[str]:
-    return list(_RECIPES)
+    return _RECIPES.names()
 
 
 def get_recipe(name: str) -> Recipe:
-    if name not in _RECIPES:
-        raise CnnlabError(f"Unknown recipe {name!r}; choose one of {', '.join(_RECIPES)}.")
-    return _RECIPES[name]
+    return _RECIPES.get(name)
 
 
 register_recipe(Recipe("none", "no preset: TrainConfig's plain defaults"))

@@ -118,8 +118,8 @@ def _train(config: TrainConfig, checkpoint: dict[str, Any] | None, run_dir: Path
     except TrainingDiverged as exc:
         kept = (f"the last good checkpoint (it resumes at epoch {state.epochs_done + 1}, batch "
                 f"{state.step + 1}) is kept in {run}" if run.has_checkpoint() else "no checkpoint had been written yet")
-        raise TrainingDiverged(f"{exc}; training stopped and {kept}. Lower the learning rate (lr) and "
-                               "start again.") from None
+        raise TrainingDiverged(f"{exc}; training stopped and {kept}. Lower the learning rate and start "
+                               "again.") from None
     finally:
         log.close()
     return _finish(setup, state, run, say)
