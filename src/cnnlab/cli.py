@@ -147,7 +147,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
 
 def cmd_datasets(ns: argparse.Namespace) -> int:
-    from .data.load import dataset_status
+    from .data.builtin import dataset_status
 
     if ns.action == "show":
         from .insight.preview import show_dataset

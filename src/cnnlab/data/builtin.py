@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torchvision.datasets as tvd
 
 from ..errors import CnnlabError, DatasetNotFound
 from ..files import cache_dir
@@ -106,6 +105,9 @@ def _read_idx_splits(folder: Path, classes: list[str]) -> tuple[Split, Split, li
 
 def _torchvision_download(cls_name: str) -> Callable[[Path], None]:
     def download(root: Path) -> None:
+        # imported here: torchvision takes seconds to import, and listing or reading datasets never needs it
+        import torchvision.datasets as tvd
+
         root.mkdir(parents=True, exist_ok=True)
         cls = getattr(tvd, cls_name)
         for train in (True, False):
@@ -239,3 +241,15 @@ def locate_or_download(source: DatasetSource, download: bool = True) -> Path:
     if folder is None:
         raise _not_found(source, "the download did not produce them")
     return folder
+
+
+def dataset_status() -> list[tuple[str, str, str]]:
+    """(name, description, where it was found or why it is missing) for `cnnlab datasets`; here, not
+    beside load_dataset, so that listing does not import the folder reader (and torchvision)."""
+    rows = []
+    for source in map(get_source, list_datasets()):
+        folder = source.locate()
+        where = f"found in {folder}" if folder else "missing: will be downloaded on first use (needs internet)"
+        rows.append((source.name, source.description, where))
+    rows.append(("folder:PATH", "your own images, one sub-folder per class (ImageFolder layout)", "-"))
+    return rows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .builtin import get_source, list_datasets, locate_or_download
+from .builtin import get_source, locate_or_download
 from .folder import load_folder
 from .split import DatasetBundle, stratified_holdout
 
@@ -20,14 +20,3 @@ def load_dataset(name: str, *, val_split: float = 0.1, seed: int = 0, image_size
         keep, held = stratified_holdout(train.labels, val_split, seed)
         train, val = train.subset(keep), train.subset(held)
     return DatasetBundle(name, classes, train, test, val, source.allow_flip)
-
-
-def dataset_status() -> list[tuple[str, str, str]]:
-    """(name, description, where it was found or why it is missing) for `cnnlab datasets`."""
-    rows = []
-    for source in map(get_source, list_datasets()):
-        folder = source.locate()
-        where = f"found in {folder}" if folder else "missing: will be downloaded on first use (needs internet)"
-        rows.append((source.name, source.description, where))
-    rows.append(("folder:PATH", "your own images, one sub-folder per class (ImageFolder layout)", "-"))
-    return rows
