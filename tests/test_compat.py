@@ -94,3 +94,16 @@ def test_resuming_the_finished_run_has_nothing_to_do(old_run, capsys):
     assert main(["train", "--resume", str(old_run), "--no-progress"]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert (old_run / "model.safetensors").read_bytes() == before
+
+
+@needs_fmnist
+def test_its_checkpoint_restores_into_the_training_state(old_run, capsys):
+    """Without summary.json the run looks interrupted after its last epoch: resuming loads the old
+    checkpoint.pt and finishes with exactly the weights and test accuracy the old version saved."""
+    weights = (old_run / "model.safetensors").read_bytes()
+    summary = json.loads((old_run / "summary.json").read_text())
+    (old_run / "summary.json").unlink()
+    assert main(["train", "--resume", str(old_run), "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert (old_run / "model.safetensors").read_bytes() == weights
+    assert json.loads((old_run / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
