@@ -41,7 +41,7 @@ class DamagedCard(CnnlabError):
 
 @dataclass(frozen=True)
 class ModelCard:
-    architecture: str  # a registered model name, or tv:NAME
+    architecture: str  # a registered model name, tv:NAME, or the import path of the user's own (file.py:Name)
     model_args: dict[str, Any]  # keyword arguments the architecture was built with
     class_names: list[str]  # index i of the output is class_names[i]
     in_channels: int  # 1 (grayscale) or 3 (RGB)
@@ -51,6 +51,7 @@ class ModelCard:
     weights_sha256: str = ""  # of model.safetensors; set when the weights are written
     tta: str = DEFAULT_TTA  # test-time augmentation evaluate, predict, serve and exports use
     tta_flip: bool = True  # whether mirrored views are label-safe (not for digits)
+    source_sha256: str | None = None  # of the file defining a user's own model: loading checks it is unchanged
     dataset: str | None = None  # what it was trained on
     recipe: str | None = None
     cnnlab_version: str | None = None
@@ -168,4 +169,6 @@ def _problem(meta: dict[str, Any]) -> str | None:
         return f"has an unknown test-time augmentation {meta.get('tta')!r} (tta_flip {meta.get('tta_flip')!r})"
     if not all(_is(meta.get(key, ""), str) for key in ("dataset", "recipe", "cnnlab_version")):
         return "has a dataset, recipe or cnnlab_version that is not a string"
+    if meta.get("source_sha256") is not None and not re.fullmatch(r"[0-9a-f]{64}", str(meta["source_sha256"])):
+        return "has a source_sha256 that is not 64 hexadecimal digits"
     return None

@@ -36,7 +36,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (f"Defaults marked 'from recipe {recipe}' are the {recipe} recipe's settings: another "
                      "--recipe brings its own (see `cnnlab recipes`); flags and --config override either.")
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "model_args":
+        if f.name in ("model_args", "split_folders"):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = types_[f.name]
@@ -53,6 +53,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an architecture argument, e.g. --model-arg widths=[48,96,192] (repeatable)"
                         + _default_text(shown, source))
+    parser.add_argument("--split-folder", action="append", default=[], metavar="SPLIT=FOLDER",
+                        help="folder datasets: the folder of a split (train, val or test), relative to the dataset "
+                        "folder or absolute, e.g. --split-folder val=holdout (repeatable; default: found by name: "
+                        "train, val/valid/validation/dev, test/testing)")
     parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file; flags override it")
 
 
@@ -61,15 +65,20 @@ def _default_text(value: Any, recipe: str | None) -> str:
 
 
 def _model_args(pairs: list[str]) -> dict[str, Any]:
+    return _pairs(pairs, "--model-arg", "KEY=VALUE")
+
+
+def _pairs(pairs: list[str], flag: str, form: str, parse: bool = True) -> dict[str, Any]:
+    """KEY=VALUE flags as a dict; values read as YAML (numbers, lists) when `parse`."""
     args = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CnnlabError(f"--model-arg expects KEY=VALUE, got {pair!r}.")
+            raise CnnlabError(f"{flag} expects {form}, got {pair!r}.")
         try:
-            args[key] = yaml.safe_load(value)
+            args[key] = yaml.safe_load(value) if parse else value
         except yaml.YAMLError:
-            raise CnnlabError(f"--model-arg {key}: cannot read the value {value!r}.") from None
+            raise CnnlabError(f"{flag} {key}: cannot read the value {value!r}.") from None
     return args
 
 
@@ -79,6 +88,9 @@ def _config_from_flags(ns: argparse.Namespace) -> TrainConfig:
     file_values = load_yaml(ns.config) if ns.config else {}
     if ns.model_arg:  # only when given: otherwise the file's or the recipe's model_args stand
         values["model_args"] = {**file_values.get("model_args", {}), **_model_args(ns.model_arg)}
+    if ns.split_folder:
+        values["split_folders"] = {**file_values.get("split_folders", {}), **_pairs(ns.split_folder, "--split-folder",
+                                                                                     "SPLIT=FOLDER", parse=False)}
     return make_config(**{**file_values, **values})
 
 
@@ -91,8 +103,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     if ns.resume:
         given = sorted(k for k in vars(ns) if k in field_types() and k not in _RESUME_FLAGS)
-        if given or ns.config or ns.model_arg:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--config/--model-arg"
+        if given or ns.config or ns.model_arg or ns.split_folder:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--config/--model-arg/--split-folder"
             raise CnnlabError(f"--resume continues a run with its own config.yaml; drop {flags}.")
         config = None
     else:
@@ -100,7 +112,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.nproc is not None and not distributed.launched():
         if ns.nproc < 1:
             raise InvalidSetting("nproc", f"must be at least 1, got {ns.nproc}.")
-        if config is not None and config.batch_size % ns.nproc:
+        if config is not None and config.batch_size is not None and config.batch_size % ns.nproc:
             raise InvalidSetting("batch_size", f"must be divisible by --nproc {ns.nproc} (it is the global batch, "
                                                f"shared out equally), got {config.batch_size}.")
         if ns.nproc > 1:  # the same command again in N processes, through torchrun's launcher
@@ -109,7 +121,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if config is None:
         train(resume=ns.resume, **{k: getattr(ns, k) for k in _RESUME_FLAGS if hasattr(ns, k)})
     else:
-        train(config)
+        train(config, overwrite=ns.overwrite)
     return 0
 
 
@@ -150,10 +162,12 @@ def cmd_datasets(ns: argparse.Namespace) -> int:
     from .data.builtin import dataset_status
 
     if ns.action == "show":
-        from .insight.preview import show_dataset
+        from .insight.preview import preview_dataset
 
-        path = show_dataset(ns.name, ns.out, per_class=ns.per_class, split=ns.split)
-        print(f"wrote {path}")
+        preview = preview_dataset(ns.name, ns.out, per_class=ns.per_class, split=ns.split)
+        if preview.origin_line:
+            print(preview.origin_line)
+        print(f"wrote {preview.path}")
         return 0
     if ns.action == "prepare":
         from .data.folder import prepare_folder
@@ -166,9 +180,11 @@ def cmd_datasets(ns: argparse.Namespace) -> int:
         counts = " / ".join(f"{n:,} {split}" for split, n in done.counts.items())
         rate = sum(done.counts.values()) / max(done.seconds, 1e-9)
         took = f"converted in {done.seconds:.1f} s ({rate:,.0f} images/s)" if done.converted else "already prepared"
+        folders = ", ".join(f"{split} <- {folder}" for split, folder in done.folders.items()) or "none (flat folder)"
         print(f"prepared folder:{done.root}: {counts} images, {done.image_size}x{done.image_size} "
               f"{'RGB' if done.channels == 3 else 'grayscale'} ({done.nbytes / 2**20:,.1f} MiB) in {done.cache}; "
-              f"{took}; {len(done.skipped):,} file{'' if len(done.skipped) == 1 else 's'} skipped")
+              f"split folders: {folders}; {took}; {len(done.skipped):,} file{'' if len(done.skipped) == 1 else 's'} "
+              "skipped")
         return 0
 
     for name, description, where in dataset_status():
@@ -259,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model into a run directory")
     _add_config_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (refused otherwise)")
     p.add_argument("--nproc", type=int, metavar="N", help="train data-parallel in N local processes "
                    "(the same as torchrun --standalone --nproc-per-node N -m cnnlab train ...)")
     p.set_defaults(func=cmd_train)
@@ -325,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", choices=("train", "test"), default="train", help="(default: train)")
     q = actions.add_parser("prepare", help="convert folder:PATH to the on-disk cache that training reads "
                            "(the first `train` does it otherwise)")
-    q.add_argument("name", metavar="folder:PATH", help="a folder of class sub-folders")
+    q.add_argument("name", metavar="folder:PATH", help="a folder of class sub-folders, or of split "
+                   "folders (train/, valid/, test/ and the like) of class sub-folders")
     q.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="image side in pixels (default: the median side, capped at 64)")
     q.add_argument("--workers", type=int, default=None, metavar="N",

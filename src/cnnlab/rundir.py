@@ -39,6 +39,11 @@ class RunDir:
     TORCHSCRIPT = "model.torchscript.pt"
     TENSORBOARD = "tensorboard"
     EXPLAIN = "explain"
+    BEST = "best.safetensors"  # the best epoch's weights so far, while training keeps the best
+    TEST_DATA = "test-data"  # the test split of data given from Python, as a prepared directory
+    # everything a run directory may hold: what --overwrite removes
+    ALL = (CONFIG, METRICS, CHECKPOINT, WEIGHTS, CARD, SUMMARY, SKIPPED, EVAL, REPORT, REPORT_FIGURES, ONNX,
+           TORCHSCRIPT, TENSORBOARD, EXPLAIN, BEST, TEST_DATA)
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -54,6 +59,22 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.path.is_dir()
+
+    def is_started(self) -> bool:
+        """Training has begun here (a config.yaml was written)."""
+        return (self / self.CONFIG).is_file()
+
+    def clear(self) -> None:
+        """Remove every file a run writes (for --overwrite): nothing stale, such as an old eval.json
+        or model.onnx, outlives the run it belonged to."""
+        import shutil
+
+        for name in self.ALL:
+            path = self / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
 
     # ------------------------------------------------------------ settings and progress
 
@@ -141,6 +162,28 @@ class RunDir:
         card = card.with_weights(sha256_file(weights))
         card.write(self / self.CARD)
         return card
+
+    def write_best(self, state: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        atomic_write(self / self.BEST, lambda tmp: save_file(tensors, str(tmp)))
+
+    def read_best(self) -> dict[str, Any] | None:
+        """The best epoch's weights so far, or None when none were kept."""
+        from safetensors.torch import load_file
+
+        path = self / self.BEST
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for malformed files
+            raise CnnlabError(f"{path} is not a valid safetensors file ({first_line(exc)}); delete it and resume "
+                              "to keep the last epoch's weights.") from None
+
+    def remove_best(self) -> None:
+        (self / self.BEST).unlink(missing_ok=True)
 
     def read_card(self) -> ModelCard:
         """model.json, checked; a missing, malformed or inconsistent file is a CnnlabError."""

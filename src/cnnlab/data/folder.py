@@ -1,4 +1,5 @@
-"""`folder:PATH` datasets: the user's own images, one sub-folder per class.
+"""`folder:PATH` datasets: the user's own images, one sub-folder per class, optionally inside
+split folders (train/, valid/, test/ and the other names tools give them).
 
 The first use converts the folder into a prepared directory of raw uint8 files (prepared.py),
 keyed by the folder's file list, sizes and modification times; training reads the rows of each
@@ -34,7 +35,14 @@ from .split import DatasetBundle, Split, stratified_holdout
 
 CACHE_VERSION = "3"
 MAX_AUTO_SIZE = 64  # the default image side is the median side, capped here
-SPLIT_NAMES = ("train", "val", "test")
+# The folder names that tools give each split, compared lower-case. A top-level folder with one
+# of these names makes PATH a folder of splits; anywhere else a name is just a class.
+SPLIT_FOLDER_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing"),
+}
+SPLIT_OF_FOLDER = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
 FLAT_HOLDOUT = 0.1  # test fraction of a folder without splits when val_split is 0
 SHOWN = 3  # classes and files the warning names; skipped.txt lists them all
 CHUNK_BYTES = 2 << 20  # converted rows a worker hands back at once (and what bounds memory)
@@ -50,28 +58,96 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e))
 
 
-def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
-    """Class names and, per split, (file, class index) pairs."""
-    has_splits = (root / "train").is_dir() and ((root / "test").is_dir() or (root / "val").is_dir())
-    split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()} if has_splits else {"train": root}
-    # Classes are the union over splits, sorted, so an empty or missing folder shifts nothing.
-    classes = sorted({c for d in split_dirs.values() for c in _class_dirs(d)})
+def _relative(root: Path, path: Path) -> Path:
+    """A file or folder as the user knows it: relative to the root, or absolute outside it
+    (a split folder given by absolute path)."""
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return path
+
+
+def _shown(root: Path, folder: Path) -> str:
+    """A split folder as messages show it: `valid/`, `./` for the root itself, or an absolute path."""
+    return "./" if folder == root else f"{_relative(root, folder)}/"
+
+
+def _split_folders(root: Path, given: dict[str, str] | None) -> dict[str, Path]:
+    """The folder of each split, in train, val, test order: the given ones, and for the others
+    the top-level folder named like that split; {} for a flat folder of classes."""
+    given = given or {}
+    unknown = [key for key in given if key not in SPLIT_FOLDER_NAMES]
+    if unknown:
+        raise CnnlabError(f"split_folders has the key {unknown[0]!r}, which is not a split; "
+                          f"use {', '.join(SPLIT_FOLDER_NAMES)}.")
+    chosen = {}
+    for split, folder in given.items():
+        # normpath, not resolve: a folder reached through a link keeps the name the user gave
+        path = Path(os.path.normpath(root / Path(folder).expanduser()))
+        if not path.is_dir():
+            raise CnnlabError(f"split_folders gives {folder!r} as the {split} folder, but {path} is not a folder; "
+                              f"give a folder relative to {root} or an absolute one.")
+        chosen[split] = path
+    if root in chosen.values():
+        return _ordered(chosen)  # the root's own sub-folders are classes, whatever their names
+    top = _class_dirs(root)
+    named: dict[str, list[str]] = {}
+    for name in top:
+        if name.lower() in SPLIT_OF_FOLDER:
+            named.setdefault(SPLIT_OF_FOLDER[name.lower()], []).append(name)
+    for split, names in named.items():
+        if split not in chosen and len(names) > 1:
+            raise CnnlabError(f"{root} has {len(names)} {split} folders ({', '.join(n + '/' for n in names)}); "
+                              "keep one of them and merge the others into it.")
+    folders = _ordered({**{split: root / names[0] for split, names in named.items()}, **chosen})
+    if not folders:
+        return {}
+    shown = ", ".join(_shown(root, folder) for folder in folders.values())
+    if "train" not in folders:
+        raise CnnlabError(f"{root} has split folders ({shown}) but no train folder; "
+                          "add train/ with one sub-folder per class to learn from.")
+    others = [name for name in top if name.lower() not in SPLIT_OF_FOLDER and root / name not in folders.values()]
+    if others:
+        listed = ", ".join(n + "/" for n in others[:SHOWN]) + (", ..." if len(others) > SHOWN else "")
+        raise CnnlabError(f"{root} holds both split folders ({shown}) and other folders ({listed}); move each "
+                          f"class folder into the split folders (e.g. {_shown(root, folders['train'])}{others[0]}/) "
+                          "or the other folders out.")
+    return folders
+
+
+def _ordered(folders: dict[str, Path]) -> dict[str, Path]:
+    return {split: folders[split] for split in SPLIT_FOLDER_NAMES if split in folders}
+
+
+def _scan(root: Path, split_folders: dict[str, str] | None
+          ) -> tuple[list[str], dict[str, Path], dict[str, list[tuple[Path, int]]]]:
+    """Class names, the folder of each split ({} for a flat folder) and, per split, (file, class
+    index) pairs."""
+    folders = _split_folders(root, split_folders)
+    split_dirs = folders or {"train": root}
+    # Classes are the union over splits, sorted, so an empty or missing folder shifts nothing. A
+    # split folder inside another (val <- holdout/ beside the classes of train <- ./) is no class.
+    classes = sorted({c for d in split_dirs.values() for c in _class_dirs(d) if d / c not in split_dirs.values()})
     if not classes:
-        raise CnnlabError(f"{root} has no class sub-folders; put each class's images in a folder named after it.")
+        shown = ", ".join(_shown(root, d) for d in folders.values())
+        where = f"The split folders of {root} ({shown}) have" if folders else f"{root} has"
+        raise CnnlabError(f"{where} no class sub-folders; put each class's images in a folder named after it.")
     files = {split: [(f, i) for i, c in enumerate(classes) if (d / c).is_dir() for f in walk_images(d / c)]
              for split, d in split_dirs.items()}
     if not files["train"]:
         raise CnnlabError(f"{split_dirs['train']} holds no image files ({', '.join(IMAGE_EXTENSIONS[:5])}, ...).")
-    return classes, files
+    return classes, folders, files
 
 
 def _cache_key(root: Path, classes: list[str], files: dict[str, list[tuple[Path, int]]],
                image_size: int | None) -> str:
+    # Every file's split is in the key, so choosing other split folders is another cache entry
+    # while naming the folder detection would have found anyway keeps the same one.
     digest = hashlib.sha256(f"{CACHE_VERSION}|{image_size}|{json.dumps(classes)}".encode())
     for split in sorted(files):
         for path, label in files[split]:
             st = path.stat()
-            line = f"{split}|{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n"
+            line = f"{split}|{_relative(root, path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n"
             digest.update(line.encode(errors="surrogateescape"))  # names need not be UTF-8
     return digest.hexdigest()[:32]
 
@@ -188,7 +264,7 @@ def _convert_with(pool: Executor, root: Path, items: list[tuple[str, Path, int]]
         plan = decided
     else:
         raise CnnlabError(f"The images under {root} changed while they were being converted; run again.")
-    skipped = [(str(items[i][1].relative_to(root)), reason) for i, reason in sorted(failed.items())]
+    skipped = [(str(_relative(root, items[i][1])), reason) for i, reason in sorted(failed.items())]
     return {"source": str(root), "channels": plan[0], "image_size": plan[1], "splits": splits, "skipped": skipped}
 
 
@@ -299,10 +375,11 @@ class PreparedFolder:
     skipped: list[tuple[str, str]]  # (file relative to root, reason)
     seconds: float  # spent converting; 0 when the cache was there already
     converted: bool
+    folders: dict[str, str]  # split -> its folder as shown ("valid/"); {} when the root's sub-folders are the classes
 
 
-def _prepared(path: str, image_size: int | None, workers: int | None,
-              progress: bool) -> tuple[PreparedFolder, dict[str, Split]]:
+def _prepared(path: str, image_size: int | None, workers: int | None, progress: bool,
+              split_folders: dict[str, str] | None) -> tuple[PreparedFolder, dict[str, Split]]:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise CnnlabError(f"Dataset folder {root} does not exist; pass folder:PATH with a folder of class sub-folders.")
@@ -312,7 +389,7 @@ def _prepared(path: str, image_size: int | None, workers: int | None,
         raise InvalidSetting("workers", f"must be at least 1, got {workers}.")
     workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
     root = root.resolve()
-    classes, files = _scan(root)
+    classes, folders, files = _scan(root, split_folders)
     final = cache_dir() / "folders" / f"{root.name}-{_cache_key(root, classes, files, image_size)}"
     start = time.perf_counter()
     found = _open_cache(final)
@@ -335,48 +412,67 @@ def _prepared(path: str, image_size: int | None, workers: int | None,
     skipped = [(name, reason) for name, reason in meta["skipped"]]
     if skipped:
         print(_skipped_warning(root, skipped, files, classes), file=sys.stderr)
+    if "train" not in splits:
+        where = _shown(root, folders["train"]) if folders else "its class folders"
+        raise CnnlabError(f"None of the image files in {where} under {root} could be read; "
+                          "add readable images to learn from.")
     counts = {name: len(split) for name, split in splits.items()}
     prepared = PreparedFolder(root, final, meta["classes"], counts, meta["channels"], meta["image_size"],
                               sum(counts.values()) * meta["channels"] * meta["image_size"] ** 2, skipped,
-                              time.perf_counter() - start if converted else 0.0, converted)
+                              time.perf_counter() - start if converted else 0.0, converted,
+                              {split: _shown(root, folder) for split, folder in folders.items()})
     return prepared, splits
 
 
 def prepare_folder(path: str, *, image_size: int | None = None, workers: int | None = None,
-                   progress: bool = True) -> PreparedFolder:
+                   progress: bool = True, split_folders: dict[str, str] | None = None) -> PreparedFolder:
     """Convert a folder dataset to its prepared cache (or find it done): what the first
-    `load_folder` would do, as a step of its own. workers: decoding threads (default: one per CPU)."""
-    return _prepared(path, image_size, workers, progress)[0]
+    `load_folder` would do, as a step of its own. workers: decoding threads (default: one per CPU);
+    split_folders as for `load_folder`."""
+    return _prepared(path, image_size, workers, progress, split_folders)[0]
 
 
 def load_folder(path: str, *, val_split: float = 0.1, seed: int = 0, image_size: int | None = None,
-                progress: bool = True) -> DatasetBundle:
-    """Load an ImageFolder-style tree; `train/`, `val/`, `test/` sub-folders become splits.
+                progress: bool = True, split_folders: dict[str, str] | None = None) -> DatasetBundle:
+    """Load an ImageFolder-style tree: class sub-folders, or split folders of class sub-folders.
+
+    Top-level folders named like a split (any case of a name in SPLIT_FOLDER_NAMES: valid/,
+    Test/, ...) are splits. Without a val folder, `val_split` of train is held out; without a test
+    folder, val is also the test split. split_folders ({"val": "holdout"}, paths relative to `path`
+    or absolute) names the folder of a split instead; {"train": "."} reads the root's sub-folders
+    as classes whatever their names. bundle.origin records which folder became which split.
 
     The images stay on disk, in the prepared cache (converted on first use); hold-outs select rows
     without reading them."""
-    prepared, splits = _prepared(path, image_size, None, progress)
+    prepared, splits = _prepared(path, image_size, None, progress, split_folders)
     root, classes, skipped = prepared.root, prepared.classes, prepared.skipped
     train, val, test = splits["train"], splits.get("val"), splits.get("test")
-    if test is None and val is None:
-        # A flat folder: one stratified hold-out is both the validation and the test split;
-        # it is needed even when val_split is 0, so that there is something to test on.
-        keep, held = stratified_holdout(train.labels, val_split or FLAT_HOLDOUT, seed)
+    source = prepared.folders.get("train", "the class folders")
+    origin = {"train": f"{source} ({len(train):,} images)"}
+    if val is None and (test is None or val_split > 0):
+        # A flat folder (or train/ alone) needs the hold-out even when val_split is 0, so that
+        # there is something to test on.
+        fraction = val_split if test is not None else val_split or FLAT_HOLDOUT
+        keep, held = stratified_holdout(train.labels, fraction, seed)
         train, val = train.subset(keep), train.subset(held)
-        test = val
-    elif val is None and val_split > 0:
-        keep, held = stratified_holdout(train.labels, val_split, seed)
-        train, val = train.subset(keep), train.subset(held)
+        share = f"{fraction * 100:g}%"
+        origin = {"train": f"{source} less a {share} stratified hold-out ({len(train):,} images)",
+                  "val": f"{share} stratified hold-out of {source} ({len(val):,} images)"}
+    elif val is not None:
+        origin["val"] = f"{prepared.folders['val']} ({len(val):,} images)"
     if test is None:
-        test = val  # train/ and val/ but no test/: the validation split is the test split
+        test = val  # no test folder: the validation split is the test split
+        origin["test"] = "same as val"
+    else:
+        origin["test"] = f"{prepared.folders['test']} ({len(test):,} images)"
     return DatasetBundle(f"folder:{root}", classes, train, test, val, allow_flip=True,
-                         skipped=[f"{name}: {reason}" for name, reason in skipped])
+                         skipped=[f"{name}: {reason}" for name, reason in skipped], origin=origin)
 
 
 def _skipped_warning(root: Path, skipped: list[tuple[str, str]], files: dict[str, list[tuple[Path, int]]],
                      classes: list[str]) -> str:
     """One line: how many files were left out, how many per class, and the first few with the reason."""
-    class_of = {str(path.relative_to(root)): classes[label] for split in files.values() for path, label in split}
+    class_of = {str(_relative(root, path)): classes[label] for split in files.values() for path, label in split}
     per_class = Counter(class_of[name] for name, _ in skipped).most_common()
     counts = ", ".join(f"{name} {n}" for name, n in per_class[:SHOWN]) + (", ..." if len(per_class) > SHOWN else "")
     examples = "; ".join(f"{name} ({reason})" for name, reason in skipped[:SHOWN])

@@ -300,9 +300,11 @@ def open_prepared(directory: Path) -> tuple[dict[str, Any], dict[str, tuple[Disk
     """
     try:
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT or "train" not in meta["splits"]:
+        if meta.get("format") != FORMAT or not meta["splits"]:
             raise DamagedCache(f"{directory} is of another format")
-        shape = (int(meta["channels"]), int(meta["image_size"]), int(meta["image_size"]))
+        side = meta["image_size"]  # one side for square images, else [height, width]
+        height, width = (int(side), int(side)) if isinstance(side, int) else (int(side[0]), int(side[1]))
+        shape = (int(meta["channels"]), height, width)
         splits = {}
         for split, info in meta["splits"].items():
             n = int(info["count"])

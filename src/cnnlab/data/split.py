@@ -32,6 +32,15 @@ class DatasetBundle:
     val: Split | None = None
     allow_flip: bool = True
     skipped: list[str] | None = None  # files of a folder dataset that could not be read
+    origin: dict[str, str] | None = None  # folder datasets: split -> where its images came from
+
+    @property
+    def origin_line(self) -> str | None:
+        """Where each split came from, on one line, e.g. "folder:/x/flowers: train <- train/
+        (540 images), val <- valid/ (60 images), test <- test/ (100 images)"; None without origin."""
+        if not self.origin:
+            return None
+        return f"{self.name}: " + ", ".join(f"{split} <- {source}" for split, source in self.origin.items())
 
     @property
     def in_channels(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.load import load_dataset
+from ..data.memory import load_saved_split
 from ..errors import CnnlabError, InvalidSetting
 from ..models.classifier import Classifier
 from ..rundir import RunDir
@@ -48,14 +49,18 @@ def evaluate_run(run_dir: str | Path, *, dataset: str | None = None, split: str 
 def score_split(run_dir: Path, classifier: Classifier, *, dataset: str | None = None, split: str = "test",
                 batch_size: int = 1024, progress: bool = True) -> ScoredSplit:
     """Classify a split of the run's dataset (or another with the same classes), write eval.json."""
-    config = RunDir(run_dir).read_config()
+    run = RunDir(run_dir)
+    config = run.read_config()
     name = dataset or classifier.card.dataset or config.get("dataset")
     if not name:
         raise InvalidSetting("dataset", f"must be given: {run_dir} does not record its dataset.")
-    # The run's own seed and hold-out fraction reproduce its validation split exactly.
-    bundle = load_dataset(name, val_split=float(config.get("val_split", 0.1)), seed=int(config.get("seed", 0)),
-                          image_size=config.get("image_size"), download=bool(config.get("download", True)),
-                          progress=progress)
+    if dataset is None and (run / run.TEST_DATA).is_dir():  # data given from Python: the copy the run kept
+        bundle = load_saved_split(run / run.TEST_DATA, name)
+    else:
+        # The run's own seed and hold-out fraction reproduce its validation split exactly.
+        bundle = load_dataset(name, val_split=float(config.get("val_split", 0.1)), seed=int(config.get("seed", 0)),
+                              image_size=config.get("image_size"), download=bool(config.get("download", True)),
+                              progress=progress, split_folders=config.get("split_folders") or None)
     data = {"test": bundle.test, "val": bundle.val}.get(split)
     if data is None:
         raise CnnlabError(f"{name} has no {split} split for this run (it was trained with val_split 0).")

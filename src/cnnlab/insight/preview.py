@@ -6,6 +6,7 @@ A look at the data before training: wrong labels, odd crops or a mixed-up folder
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,22 +22,35 @@ ROW_INCHES = (0.45, 1.0)  # height of one class row: smaller when there are many
 PAD = 2  # pixels between images
 
 
-def show_dataset(name: str, out: str | Path | None = None, per_class: int = 8, split: str = "train",
-                 progress: bool = True) -> Path:
+@dataclass
+class Preview:
+    path: Path  # the PNG written
+    origin_line: str | None  # which folders became which split, on one line (folder datasets)
+
+
+def preview_dataset(name: str, out: str | Path | None = None, *, per_class: int = 8, split: str = "train",
+                    progress: bool = True, split_folders: dict[str, str] | None = None) -> Preview:
     """Save `per_class` seeded random images of every class of a split (rows labelled with the
-    class names); default file <name>-samples.png in the current folder. Returns its path."""
+    class names); default file <name>-samples.png in the current folder. split_folders: as for
+    `load_dataset`."""
     if per_class < 1:
         raise InvalidSetting("per_class", f"must be at least 1, got {per_class}.")
     if split not in ("train", "test"):
         raise InvalidSetting("split", f"must be train or test, got {split!r}.")
-    bundle = load_dataset(name, val_split=0, progress=progress)
+    bundle = load_dataset(name, val_split=0, progress=progress, split_folders=split_folders)
     chosen = getattr(bundle, split)
     if len(chosen) == 0:
         raise CnnlabError(f"The {split} split of {name} holds no images.")
     path = Path(out) if out is not None else Path(f"{_file_stem(name)}-samples.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     _figure(bundle, chosen, split, per_class).savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
-    return path
+    return Preview(path, bundle.origin_line)
+
+
+def show_dataset(name: str, out: str | Path | None = None, per_class: int = 8, split: str = "train",
+                 progress: bool = True) -> Path:
+    """`preview_dataset`, returning only the path of the PNG."""
+    return preview_dataset(name, out, per_class=per_class, split=split, progress=progress).path
 
 
 def _file_stem(name: str) -> str:

@@ -18,7 +18,8 @@ from ..devices import autocast
 from ..errors import CnnlabError
 from ..images.tensors import UnreadableImage, fit, from_pil, read_image, tta_logits
 from ..rundir import RunDir
-from .registry import check_model_name, create_model
+from .registry import check_model_name, model_from_card
+from .source import is_import_path
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 
@@ -47,15 +48,20 @@ class Classifier:
         """Rebuild the model from a run directory after checking the weights' sha256."""
         run = RunDir(run_dir)
         card = run.read_card()
-        try:
-            check_model_name(card.architecture)
-        except CnnlabError as exc:
-            raise CnnlabError(f"{run / run.CARD} names an unknown architecture ({str(exc).rstrip('.')}); "
-                              "the run directory is damaged or was not written by cnnlab.") from None
+        if not is_import_path(card.architecture):  # a user's own model explains itself (source.load_recorded)
+            try:
+                check_model_name(card.architecture)
+            except CnnlabError as exc:
+                raise CnnlabError(f"{run / run.CARD} names the architecture {card.architecture!r}, which this "
+                                  f"process does not know ({str(exc).rstrip('.')}); if it is your own model, "
+                                  "register it in a module that is imported (or an entry point of group "
+                                  "cnnlab.models), or train with --model path/to/file.py:Name.") from None
         state = run.read_weights(card)
         try:
-            model = create_model(card.architecture, card.in_channels, card.num_classes, **card.model_args)
+            model = model_from_card(card, str(run / run.CARD))
         except CnnlabError as exc:
+            if is_import_path(card.architecture):
+                raise
             raise CnnlabError(f"{run / run.CARD} does not describe a buildable model: {exc}") from None
         _check_fit(model.state_dict(), state, card, run)
         model.load_state_dict(state, strict=True)

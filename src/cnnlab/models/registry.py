@@ -1,19 +1,25 @@
-"""The model registry: cnnlab's architectures by name, and torchvision's as tv:NAME.
+"""The model registry: cnnlab's architectures by name, torchvision's as tv:NAME, packages' through
+the `cnnlab.models` entry-point group, and a user's own as path/to/file.py:Name or module:Name.
 
-`create_model(name, in_channels, num_classes, **kwargs)` builds any registered network, or
-any torchvision classification architecture as `tv:NAME`, untrained. Every model takes a
-normalised float batch (N, C, H, W) of any reasonable size and returns logits (N, classes).
+`create_model(name, in_channels, num_classes, **kwargs)` builds any of them, untrained. Every
+model takes a normalised float batch (N, C, H, W) and returns logits (N, classes).
 """
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Any, Callable, NamedTuple
 
 import torchvision
 from torch import nn
 
+from ..card import ModelCard
 from ..errors import CnnlabError, first_line
 from ..registry import Registry
+from . import source as user_source
+from .fitting import check_fits, has_lazy
+
+ENTRY_POINT_GROUP = "cnnlab.models"  # packages register models for every command under this group
 
 
 class ModelEntry(NamedTuple):
@@ -21,7 +27,8 @@ class ModelEntry(NamedTuple):
     description: str
 
 
-_MODELS: Registry[ModelEntry] = Registry("model", also="tv:NAME", sort=True)
+_MODELS: Registry[ModelEntry] = Registry("model", also="tv:NAME or path/to/file.py:Name", sort=True)
+_entry_points_read = False
 
 
 def register_model(name: str, description: str) -> Callable:
@@ -33,8 +40,36 @@ def register_model(name: str, description: str) -> Callable:
 
 
 def list_models() -> list[str]:
-    """Names of cnnlab's own architectures (torchvision's are reachable as tv:NAME)."""
+    """Names of cnnlab's own architectures and those packages register (torchvision's are
+    reachable as tv:NAME)."""
+    _read_entry_points()
     return _MODELS.names()
+
+
+def _read_entry_points() -> None:
+    """Register the models installed packages declare under ENTRY_POINT_GROUP (once per process;
+    each is imported only when it is built)."""
+    global _entry_points_read
+    if _entry_points_read:
+        return
+    _entry_points_read = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name in _MODELS:
+            continue
+        dist = getattr(point.dist, "name", None)
+        _MODELS.register(point.name, ModelEntry(_entry_point_builder(point), f"{point.value}"
+                                                + (f" (from {dist})" if dist else "")))
+
+
+def _entry_point_builder(point: Any) -> Callable[..., nn.Module]:
+    def build(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+        try:
+            obj = point.load()
+        except Exception as exc:  # another package's code
+            raise CnnlabError(f"Cannot load model {point.name!r} ({point.value}): "
+                              f"{type(exc).__name__}: {first_line(exc)}.") from None
+        return user_source.build(obj, in_channels, num_classes, kwargs, point.name)
+    return build
 
 
 def describe_model(name: str) -> str:
@@ -42,18 +77,31 @@ def describe_model(name: str) -> str:
 
 
 def check_model_name(name: str) -> None:
-    """Raise CnnlabError for a name that is neither registered nor a torchvision model."""
-    if name.startswith("tv:"):
+    """Raise CnnlabError for a name that is neither registered nor a torchvision model, or an
+    import path that does not import."""
+    if user_source.is_import_path(name):
+        user_source.resolve(name)
+    elif name.startswith("tv:"):
         available = torchvision.models.list_models(module=torchvision.models)
         if name[3:] not in available:
             raise CnnlabError(f"torchvision has no classification model {name[3:]!r}; "
                               f"try one of {', '.join(available[:8])}, ...")
     else:
+        _read_entry_points()
         _MODELS.get(name)
 
 
+def is_builtin(name: str) -> bool:
+    """One of cnnlab's own architectures (models/nets.py), which the recipes are tuned for."""
+    return name in _MODELS and _MODELS.get(name).build.__module__ == f"{__package__}.nets"
+
+
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build an untrained model by registry name, or `tv:NAME` for a torchvision architecture."""
+    """Build an untrained model by registry name, `tv:NAME` for a torchvision architecture, or
+    path/to/file.py:Name or package.module:Name for a class or factory of the user's."""
+    if user_source.is_import_path(name):
+        _, obj = user_source.resolve(name)
+        return user_source.build(obj, in_channels, num_classes, kwargs, name.rpartition(":")[2])
     check_model_name(name)
     if name.startswith("tv:"):
         return _torchvision_model(name[3:], in_channels, num_classes, **kwargs)
@@ -63,8 +111,22 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
         raise CnnlabError(f"Bad arguments for model {name!r}: {first_line(exc)}.") from None
 
 
+def model_from_card(card: ModelCard, where: str) -> nn.Module:
+    """The untrained model a model card describes, built in this process (lazy layers
+    materialised at the card's image size), ready for its weights. `where` names the card in errors."""
+    if user_source.is_import_path(card.architecture):
+        obj = user_source.load_recorded(card.architecture, card.source_sha256, where)
+        model = user_source.build(obj, card.in_channels, card.num_classes, card.model_args,
+                                  card.architecture.rpartition(":")[2])
+    else:
+        model = create_model(card.architecture, card.in_channels, card.num_classes, **card.model_args)
+    if has_lazy(model):
+        check_fits(model, card.architecture, card.in_channels, card.image_size, card.num_classes)
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
 
 
 def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:

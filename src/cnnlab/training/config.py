@@ -19,6 +19,17 @@ from ..errors import CnnlabError, InvalidSetting
 from ..images.spec import DEFAULT_TTA, TTA_MODES
 from .recipes import get_recipe
 
+BATCH = 256  # images per optimiser step, unless the training set is small
+MIN_BATCHES = 16  # a small training set's batch is halved until an epoch has this many steps...
+MIN_AUTO_BATCH = 32  # ...down to this
+ADAMW_LR = 0.002  # per 256 images: AdamW's usual 1e-3 at batch 128; SGD's 0.2 makes it diverge
+# The recipe settings that belong to its own network: its architecture arguments and its
+# whitened first layer (which rewrites the first convolution). Another model never gets them.
+OWN_MODEL_SETTINGS = ("model_args", "whiten")
+# For networks cnnlab's recipes were not tuned on (tv:NAME, your own), AdamW at ADAMW_LR
+# instead of the recipe's SGD rate: robust across architectures, with or without batch norm.
+FOREIGN_MODEL_SETTINGS = {"optimizer": "adamw", "lr": ADAMW_LR}
+
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
     metadata = {"help": help, "choices": choices}
@@ -32,6 +43,8 @@ class TrainConfig:
     recipe: str = _opt("fast", "training preset (see `cnnlab recipes`); other settings override it")
     # data
     dataset: str = _opt("fashion-mnist", "dataset name (see `cnnlab datasets`) or folder:PATH")
+    split_folders: dict = _opt({}, "folder datasets: the sub-folder (or any folder) of each split, e.g. "
+                                   "{val: holdout}; default: found by name (train, val/valid/dev, test)")
     val_split: float = _opt(0.1, "fraction of the training split held out for validation (0 = none)")
     limit_train: int | None = _opt(None, "train on a stratified subset of this many images")
     image_size: int | None = _opt(None, "side in pixels for folder datasets (default: median size, capped at 64)")
@@ -43,15 +56,23 @@ class TrainConfig:
     low_res_epochs: int = _opt(0, "epochs trained at --low-res before switching to the full size")
     flip: str = _opt("auto", "random horizontal flips: auto = on unless the dataset is digits", ("auto", "on", "off"))
     # model
-    model: str = _opt("fastnet", "architecture (see `cnnlab models`), or tv:NAME for torchvision's")
+    model: str = _opt("fastnet", "architecture (see `cnnlab models`), tv:NAME for torchvision's, or your own as "
+                                 "path/to/file.py:Name or package.module:Name (a class or factory)")
     model_args: dict = _opt({}, "keyword arguments for the architecture, e.g. {widths: [32, 64, 128]}")
+    init_from: str | None = _opt(None, "start from this run directory's weights (same architecture; the classifier "
+                                       "head is new when the classes differ)")
+    pretrained: bool = _opt(False, "start a torchvision model (tv:NAME) from its pretrained ImageNet weights")
     whiten: bool = _opt(False, "start the first convolution as whitening filters of the training images' patches, "
                                "frozen (faster early learning)")
     # optimisation
-    epochs: int = _opt(4, "passes over the training set")
-    batch_size: int = _opt(256, "images per optimiser step")
+    epochs: int = _opt(4, "passes over the training set (more on a small training set, see --min-steps)")
+    min_steps: int = _opt(0, "train at least this many optimiser steps: a small training set gets more epochs "
+                             "(0 = exactly --epochs; giving --epochs sets it to 0)")
+    batch_size: int | None = _opt(None, f"images per optimiser step (default: {BATCH}, halved for a small "
+                                        f"training set until an epoch has {MIN_BATCHES} steps, down to {MIN_AUTO_BATCH})")
     optimizer: str = _opt("sgd", "sgd (Nesterov momentum) or adamw", ("sgd", "adamw"))
-    lr: float = _opt(0.2, "peak learning rate, per 256 images (scaled linearly with batch size)")
+    lr: float = _opt(0.2, f"peak learning rate, per 256 images (scaled linearly with batch size; "
+                          f"adamw's default is {ADAMW_LR})")
     momentum: float = _opt(0.9, "SGD momentum / AdamW beta1")
     weight_decay: float = _opt(5e-4, "decoupled for AdamW, L2 for SGD; not applied to norms and biases")
     warmup_epochs: float = _opt(0.5, "linear warm-up from lr/10 to the peak, in epochs")
@@ -59,6 +80,9 @@ class TrainConfig:
                          ("linear", "cosine", "constant"))
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss (0 = off)")
     ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights, per step (0 = off)")
+    keep: str = _opt("best", "the weights a run ends with: the best epoch's on the validation split (where there "
+                             "is one apart from the test split), or the last", ("best", "last"))
+    early_stop: int = _opt(0, "stop after N epochs without a better validation accuracy (0 = never)")
     tta: str = _opt(DEFAULT_TTA, "test-time augmentation used by evaluate/predict, recorded in model.json",
                     TTA_MODES)
     # machine
@@ -79,15 +103,17 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise InvalidSetting naming the field, in one sentence."""
-        for name in ("epochs", "batch_size"):
-            self._require(name, getattr(self, name) >= 1, "must be at least 1")
+        self._require("epochs", self.epochs >= 1, "must be at least 1")
+        if self.batch_size is not None:
+            self._require("batch_size", self.batch_size >= 1, "must be at least 1")
         if self.limit_train is not None:
             self._require("limit_train", self.limit_train >= 1, "must be at least 1")
         if self.image_size is not None:
             self._require("image_size", 4 <= self.image_size <= 1024, "must be between 4 and 1024 pixels")
         if self.low_res is not None:
             self._require("low_res", self.low_res >= 8, "must be at least 8 pixels")
-        for name in ("checkpoint_every_steps", "translate_off_epochs", "low_res_epochs"):
+        for name in ("checkpoint_every_steps", "translate_off_epochs", "low_res_epochs", "min_steps",
+                     "early_stop"):
             self._require(name, getattr(self, name) >= 0, "must not be negative")
         self._require("val_split", 0 <= self.val_split < 1, "must be in [0, 1)")
         self._require("lr", self.lr > 0, "must be positive")
@@ -102,6 +128,13 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices:
                 self._require(f.name, getattr(self, f.name) in choices, f"must be one of {', '.join(choices)}")
+        if self.pretrained and not self.model.startswith("tv:"):
+            raise InvalidSetting("pretrained", f"works for torchvision models (tv:NAME), not {self.model}; start from "
+                                               "one of your own runs with init_from instead.")
+        if self.pretrained and self.init_from:
+            raise InvalidSetting("init_from", "and pretrained both choose the starting weights; give one of them.")
+        if not isinstance(self.split_folders, dict):
+            raise InvalidSetting("split_folders", "must be a mapping of split names (train, val, test) to folders.")
         if not isinstance(self.model_args, dict):
             raise InvalidSetting("model_args", "must be a mapping of argument names to values.")
         return self
@@ -177,9 +210,37 @@ def make_config(config_file: str | Path | None = None, **overrides: Any) -> Trai
     given = load_yaml(config_file) if config_file is not None else {}
     given.update({_key(k): coerce(_key(k), v) for k, v in overrides.items()})
     settings = dict(get_recipe(given.get("recipe", TrainConfig.recipe)).settings)
-    if given.get("model", settings.get("model")) != settings.get("model"):
-        settings.pop("model_args", None)  # the recipe's architecture arguments belong to its own model
+    model = given.get("model", settings.get("model", TrainConfig.model))
+    if model != settings.get("model", TrainConfig.model):
+        for key in OWN_MODEL_SETTINGS:
+            settings.pop(key, None)
+        if not _is_own_model(model):
+            settings.update(FOREIGN_MODEL_SETTINGS)
+    if given.get("optimizer") == "adamw" and "lr" not in given:
+        settings["lr"] = ADAMW_LR  # the recipe's rate is SGD's
+    if "epochs" in given and "min_steps" not in given:
+        given["min_steps"] = 0  # the epochs asked for, exactly
     return TrainConfig(**{**settings, **given}).validate()
+
+
+def _is_own_model(name: str) -> bool:
+    """One of cnnlab's own networks, which the recipes' learning rates suit."""
+    if name.startswith("tv:") or ":" in name:
+        return False
+    from ..models.registry import is_builtin  # imports torchvision: only when a model other than the recipe's is asked for
+
+    return is_builtin(name)
+
+
+def recipe_note(config: TrainConfig) -> str | None:
+    """One line when the recipe's network-specific settings were not applied to config.model."""
+    recipe = get_recipe(config.recipe)
+    own = recipe.settings.get("model", TrainConfig.model)
+    if config.model == own or not any(k in recipe.settings for k in OWN_MODEL_SETTINGS):
+        return None
+    return (f"recipe {recipe.name} is tuned for {own}; for {config.model} it uses optimizer {config.optimizer}, "
+            f"lr {config.lr:g}, whiten {'on' if config.whiten else 'off'}, model_args {config.model_args or 'none'} "
+            "(set them to choose)")
 
 
 def default_settings() -> dict[str, tuple[Any, str | None]]:

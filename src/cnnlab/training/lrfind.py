@@ -75,6 +75,7 @@ def lr_find(config: TrainConfig, min_lr: float = 1e-4, max_lr: float = 10.0, ste
     """
     _check(min_lr, max_lr, steps)
     setup = build_setup(config)  # the model (whitened where training's is) and batches `train` starts from
+    config = setup.config  # with the batch size chosen for the data
     lrs, losses = _sweep(setup.model, setup.data.train_loader, config, min_lr, max_lr, steps, setup.bf16)
     suggestion = suggest_lr(lrs, losses)
     plot = _output_path(config, out)

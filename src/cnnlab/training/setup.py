@@ -4,6 +4,7 @@ the first step (device, data, loaders, model, optimiser, schedule, loss, weight 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,10 +18,13 @@ from ..data.split import DatasetBundle, Split, stratified_subset
 from ..devices import bf16_supported, resolve_device
 from ..errors import InvalidSetting
 from ..images.tensors import resize
+from ..models.fitting import check_fits
+from ..models.init import init_from_run, pretrained_torchvision
 from ..models.registry import check_model_name, create_model
+from ..models.source import is_import_path, resolve
 from ..models.whitening import whiten_first_conv
 from . import distributed
-from .config import TrainConfig
+from .config import BATCH, MIN_AUTO_BATCH, MIN_BATCHES, TrainConfig
 
 LR_BATCH = 256  # TrainConfig.lr is the rate per this many images; the optimiser's scales with the batch
 EVAL_BATCH = 1024  # images per forward pass when evaluating: no gradients, so larger is cheaper
@@ -31,7 +35,8 @@ WHITEN_SAMPLE = 10_000  # training images whose patches give the whitening filte
 class TrainingData:
     """The dataset and the batches drawn from it: this process's shard of the training batches
     (and of a downscaled copy for progressive resizing), and its share of the evaluation splits."""
-    config: TrainConfig
+    config: TrainConfig  # with the batch size and epochs chosen for this training set
+    schedule: str  # that choice, in words
     bundle: DatasetBundle
     mean: list[float]  # per channel, of the training images on the 0-1 scale: recorded in the model card
     std: list[float]
@@ -64,6 +69,8 @@ class TrainingSetup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loss_fn: nn.Module
     ema: AveragedModel | None
+    source_sha256: str | None = None  # of the file defining a user's own model (config.model an import path)
+    init_note: str | None = None  # where the starting weights came from, when not from scratch
 
     @property
     def final(self) -> nn.Module:
@@ -77,12 +84,15 @@ class TrainingSetup:
 
 
 def build_setup(config: TrainConfig, ctx: distributed.Context = distributed.SINGLE,
-                device: torch.device | None = None, *, bundle: DatasetBundle | None = None) -> TrainingSetup:
+                device: torch.device | None = None, *, bundle: DatasetBundle | None = None,
+                model: nn.Module | None = None) -> TrainingSetup:
     """Everything training starts from, seeded by config.seed. `device` defaults to config.device;
-    `bundle`, where given, is used instead of loading config.dataset (its limit_train still applies).
-    Every process of a distributed run builds the same and starts from rank 0's weights."""
+    `bundle`, where given, is used instead of loading config.dataset (its limit_train still applies);
+    `model`, where given, is the instance of config.model to train. The setup's config has the batch
+    size and epochs chosen for the data. Every process of a distributed run builds the same and
+    starts from rank 0's weights."""
     check_model_name(config.model)  # before minutes of data loading, not after
-    if config.batch_size % ctx.world:
+    if config.batch_size is not None and config.batch_size % ctx.world:
         raise InvalidSetting("batch_size", f"must be divisible by the {ctx.world} processes (it is the global "
                                            f"batch, shared out equally), got {config.batch_size}.")
     if config.threads:
@@ -91,10 +101,25 @@ def build_setup(config: TrainConfig, ctx: distributed.Context = distributed.SING
     torch.manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(device))
     data = load_training_data(config, ctx, device, bundle=bundle)
+    config = data.config
+    source_sha256 = resolve(config.model)[0].sha256 if is_import_path(config.model) else None
 
-    model = create_model(config.model, data.bundle.in_channels, len(data.bundle.class_names), **config.model_args)
+    classes, channels = len(data.bundle.class_names), data.bundle.in_channels
+    given, init_note = model is not None, None
+    if model is None and config.pretrained:
+        model = pretrained_torchvision(config.model, channels, classes, **config.model_args)[0]
+        init_note = f"starting from {config.model}'s pretrained weights (classifier head new, {classes} classes)"
+    elif model is None:
+        model = create_model(config.model, channels, classes, **config.model_args)
+    # lazy layers take their shapes from this, and a misfit is one line before any data is moved
+    check_fits(model, config.model, channels, data.bundle.image_size, classes)
+    if given:
+        _check_rebuilds(model, config, channels, data.bundle.image_size, classes)
+    if config.init_from:
+        init_note = init_from_run(model, config.init_from, architecture=config.model, model_args=config.model_args,
+                                  in_channels=channels, class_names=data.bundle.class_names)
     model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
-    if config.whiten:
+    if config.whiten and not (config.init_from or config.pretrained):  # trained weights keep their first layer
         whiten(model, data.bundle.train, data.normalize)
     net = distributed.wrap(model, ctx, device, config.sync_bn)
     model = net.module if ctx.active else model
@@ -104,7 +129,25 @@ def build_setup(config: TrainConfig, ctx: distributed.Context = distributed.SING
     ema = None
     if config.ema_decay > 0:  # averages batch-norm buffers too, so the averaged model is usable as is
         ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(config.ema_decay), use_buffers=True)
-    return TrainingSetup(config, ctx, device, bf16, data, model, net, optimizer, scheduler, loss_fn, ema)
+    return TrainingSetup(config, ctx, device, bf16, data, model, net, optimizer, scheduler, loss_fn, ema,
+                         source_sha256, init_note)
+
+
+def _check_rebuilds(model: nn.Module, config: TrainConfig, channels: int, image_size: tuple[int, int],
+                    classes: int) -> None:
+    """A model instance given to train: later commands rebuild it from its class and
+    config.model_args, so that must give the same tensors, or the run could not be loaded."""
+    rebuilt = create_model(config.model, channels, classes, **config.model_args)
+    check_fits(rebuilt, config.model, channels, image_size, classes)
+    mine, theirs = model.state_dict(), rebuilt.state_dict()
+    differ = sorted(k for k in mine.keys() | theirs.keys()
+                    if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
+    if differ:
+        raise InvalidSetting("model", f"is an instance that {config.model} with model_args "
+                                      f"{config.model_args or '{}'} does not rebuild (e.g. {differ[0]!r} differs), "
+                                      "and later commands rebuild it that way; pass the class and its arguments "
+                                      "instead (model=Net, model_args={...}).")
+
 
 
 def load_training_data(config: TrainConfig, ctx: distributed.Context, device: torch.device, *,
@@ -112,9 +155,10 @@ def load_training_data(config: TrainConfig, ctx: distributed.Context, device: to
     if bundle is None:
         bundle = load_dataset(config.dataset, val_split=config.val_split, seed=config.seed,
                               image_size=config.image_size, download=config.download,
-                              progress=config.progress and ctx.main)
+                              progress=config.progress and ctx.main, split_folders=config.split_folders or None)
     if config.limit_train is not None:
         bundle.train = bundle.train.subset(stratified_subset(bundle.train.labels, config.limit_train, config.seed))
+    config, schedule = choose_schedule(config, len(bundle.train), ctx.world)
     if device.type == "cuda":  # the whole uint8 training set on the GPU: batches never cross the bus
         bundle.train = Split(bundle.train.images.to(device), bundle.train.labels.to(device))
     mean, std = channel_stats(bundle.train.images)
@@ -122,8 +166,32 @@ def load_training_data(config: TrainConfig, ctx: distributed.Context, device: to
     flip = {"on": True, "off": False}.get(config.flip, bundle.allow_flip)
     train_loader, low_loader = _train_loaders(config, bundle, normalize, flip, ctx)
     val_loader = _eval_loader(bundle.val, normalize, ctx) if bundle.val is not None else None
-    return TrainingData(config, bundle, mean, std, normalize, flip, train_loader, low_loader, val_loader,
+    return TrainingData(config, schedule, bundle, mean, std, normalize, flip, train_loader, low_loader, val_loader,
                         _eval_loader(bundle.test, normalize, ctx))
+
+
+def choose_schedule(config: TrainConfig, train_images: int, world: int = 1) -> tuple[TrainConfig, str]:
+    """The batch size (when not given) and epochs for a training set of this size, and the choice
+    in words. A small set gets a smaller batch, and more epochs to reach config.min_steps; the
+    warm-up keeps its share of the training."""
+    batch, why = config.batch_size, []
+    if batch is None:
+        batch = BATCH
+        while batch > MIN_AUTO_BATCH and train_images < MIN_BATCHES * batch:
+            batch //= 2
+        batch = max(world, batch - batch % world)
+        if batch != BATCH:
+            why.append(f"batch {batch} for {train_images:,} training images")
+    steps = max(1, train_images // batch)  # the last partial batch is dropped
+    epochs = config.epochs
+    if config.min_steps and steps * epochs < config.min_steps:
+        epochs = math.ceil(config.min_steps / steps)
+        why.append(f"{epochs} epochs instead of {config.epochs} to train at least {config.min_steps} steps")
+    chosen = dataclasses.replace(config, batch_size=batch, epochs=epochs,
+                                 warmup_epochs=config.warmup_epochs * epochs / config.epochs)
+    text = (f"schedule: {epochs} epochs of {steps} steps ({epochs * steps:,} steps), batch {batch}, "
+            f"{chosen.optimizer} at lr {config.lr:g} per {LR_BATCH} images")
+    return chosen, text + (f" ({'; '.join(why)})" if why else "")
 
 
 def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normalize, flip: bool,

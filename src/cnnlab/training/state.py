@@ -32,6 +32,7 @@ class TrainingState:
     train_seconds: float = 0.0
     images_seen: int = 0
     best_val: float = float("nan")
+    best_epoch: int = 0  # the epoch that reached best_val (0: none yet)
     loader: dict[str, torch.Tensor] | None = None  # the batch order and random draws of the epoch in progress
     totals: dict[str, Any] | None = None  # this process's running sums of that epoch, when saved mid-epoch
 
@@ -52,6 +53,7 @@ class TrainingState:
         if not ctx.main:
             return
         checkpoint: dict[str, Any] = {key: getattr(saved, key) for key in _PROGRESS}
+        checkpoint["best_epoch"] = saved.best_epoch
         checkpoint.update({key: _state_dict(obj) for key, obj in _objects(setup).items()})
         checkpoint.update({key: values[0] if not ctx.active else list(values)
                            for key, values in zip(_PER_PROCESS, zip(*per_process))})
@@ -73,7 +75,8 @@ class TrainingState:
             if isinstance(rng, list):  # a distributed run's: one per process
                 rng, totals = rng[ctx.rank % len(rng)], totals[ctx.rank % len(totals)]
             torch.set_rng_state(rng)
-            return cls(**{key: checkpoint[key] for key in _PROGRESS}, totals=totals)
+            return cls(**{key: checkpoint[key] for key in _PROGRESS}, best_epoch=checkpoint.get("best_epoch", 0),
+                       totals=totals)
         except (KeyError, TypeError, RuntimeError, ValueError, IndexError) as exc:
             raise CnnlabError(f"{run / run.CHECKPOINT} does not fit this run's model and settings "
                               f"({type(exc).__name__}); start it again instead.") from None
@@ -90,12 +93,15 @@ class TrainingState:
         return Totals(self.totals["loss"].to(device), self.totals["correct"].to(device), self.totals["seen"],
                       self.totals["seconds"])
 
-    def end_epoch(self, epoch: int, stats: EpochStats, val_acc: float | None) -> None:
+    def end_epoch(self, epoch: int, stats: EpochStats, val_acc: float | None) -> bool:
+        """Count the finished epoch; True when its validation accuracy is the best so far."""
         self.epochs_done, self.step, self.loader, self.totals = epoch, 0, None, None
         self.train_seconds += stats.seconds
         self.images_seen += stats.images
         if val_acc is not None and not val_acc <= self.best_val:  # NaN until the first
-            self.best_val = val_acc
+            self.best_val, self.best_epoch = val_acc, epoch
+            return True
+        return False
 
     def mid_epoch_saver(self, run: RunDir, setup: TrainingSetup,
                         loader: BatchLoader) -> Callable[[int, Totals], None]:

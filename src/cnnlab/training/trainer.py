@@ -5,6 +5,7 @@ model.safetensors + model.json and summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import resource
@@ -13,17 +14,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .. import __version__
 from ..card import ModelCard
 from ..data.batches import BatchLoader
+from ..data.memory import own_bundle, save_split
 from ..data.split import DatasetBundle
 from ..devices import resolve_device
 from ..errors import CnnlabError
 from ..models.registry import check_model_name, count_parameters
+from ..models.source import source_of
 from ..rundir import RunDir
 from . import distributed
-from .config import TrainConfig, load_yaml, make_config
+from .config import TrainConfig, load_yaml, make_config, recipe_note
 from .loop import EpochStats, TrainingDiverged, predict_logits, train_one_epoch
 from .setup import TrainingSetup, build_setup
 from .state import TrainingState
@@ -64,15 +69,31 @@ def _quiet(text: str) -> None:
     """What processes other than rank 0 print: nothing."""
 
 
-def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = None, **overrides: Any) -> Path:
-    """Train a model; returns the run directory. Keyword arguments are TrainConfig fields.
+def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = None, overwrite: bool = False,
+          data: Any = None, test_data: Any = None, val_data: Any = None, class_names: list[str] | None = None,
+          **overrides: Any) -> Path:
+    """Train a model; returns the run directory. Other keyword arguments are TrainConfig fields.
+
+    model: a registered name, tv:NAME, an import path (path/to/file.py:Name, package.module:Name),
+    or your own model class, factory or nn.Module instance (later commands import its class
+    again, so it must live in a .py file).
+
+    data: your own training images instead of config.dataset: (images, labels) arrays (numpy or
+    torch; N,H,W[,C] or N,C,H,W; uint8 0-255 or float 0-1) or a torch Dataset of (image, label)
+    pairs. test_data and val_data the same (by default, stratified hold-outs of data);
+    class_names names the labels 0..K-1.
 
     resume: a run directory to continue from its last checkpoint (mid-epoch included) with its
     own config.yaml; the result equals an uninterrupted run's on the same machine.
+    overwrite: replace what is in config.out; a run there is refused otherwise.
 
     Started by torchrun (or `cnnlab train --nproc N`), each process trains its shard of every
     batch with DistributedDataParallel and rank 0 alone writes the run directory."""
-    checkpoint = None
+    checkpoint, instance = None, None
+    if "model" in overrides and not isinstance(overrides["model"], str):
+        given = overrides["model"]
+        overrides["model"] = source_of(given).spec  # what later processes import
+        instance = given if isinstance(given, nn.Module) else None
     if resume is not None:
         config, checkpoint = _resume_state(Path(resume), overrides)
         if checkpoint is None:
@@ -80,6 +101,15 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
             return Path(resume)
     else:
         config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
+        if config.out and not overwrite:
+            problem = _occupied(RunDir(config.out))
+            if problem:
+                raise CnnlabError(problem)
+    bundle = None
+    if data is not None:
+        bundle = own_bundle(data, test_data, val_data, class_names, val_split=config.val_split, seed=config.seed,
+                            progress=config.progress)
+        config = dataclasses.replace(config, dataset=bundle.name)
     check_model_name(config.model)  # before joining other processes and minutes of data loading
     if config.tensorboard:
         require_tensorboard()
@@ -88,7 +118,7 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
     ctx, device = distributed.setup(device, config.dist_timeout)
     run_dir: Path | None = Path(resume) if resume is not None else None
     try:
-        return _train(config, checkpoint, run_dir, ctx, device)
+        return _train(config, checkpoint, run_dir, ctx, device, bundle=bundle, model=instance, overwrite=overwrite)
     except CnnlabError:
         raise
     except Exception as exc:
@@ -100,9 +130,10 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
 
 
 def _train(config: TrainConfig, checkpoint: dict[str, Any] | None, run_dir: Path | None,
-           ctx: distributed.Context, device: torch.device) -> Path:
+           ctx: distributed.Context, device: torch.device, *, bundle: DatasetBundle | None = None,
+           model: nn.Module | None = None, overwrite: bool = False) -> Path:
     say = _log if ctx.main else _quiet
-    setup = build_setup(config, ctx, device)
+    setup = build_setup(config, ctx, device, bundle=bundle, model=model)
     if checkpoint is not None:
         run = RunDir(run_dir)
         state = TrainingState.restore(checkpoint, setup, run)
@@ -110,8 +141,15 @@ def _train(config: TrainConfig, checkpoint: dict[str, Any] | None, run_dir: Path
             run.keep_metrics(state.epochs_done)
         say(f"resuming {run_dir} at epoch {state.epochs_done + 1}, batch {state.step + 1}")
     else:
-        run, state = _start_run(setup), TrainingState()
+        run, state = _start_run(setup, overwrite), TrainingState()
+    if bundle is not None and ctx.main and not (run / RunDir.TEST_DATA).exists():
+        # data given from Python cannot be loaded again by name: evaluate and report score this copy
+        save_split(setup.data.bundle.test, setup.data.bundle.class_names, run / RunDir.TEST_DATA)
     say(_describe(setup, run))
+    for line in (setup.data.bundle.origin_line, setup.init_note, setup.data.schedule, recipe_note(setup.config),
+                 _selection_note(setup)):
+        if line:
+            say(line)
     log = _EpochLog(run, setup, say)
     try:
         _train_epochs(setup, state, run, log)
@@ -128,6 +166,7 @@ def _train(config: TrainConfig, checkpoint: dict[str, Any] | None, run_dir: Path
 def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: _EpochLog) -> None:
     """The epoch loop: train, combine the processes' figures, validate, record, checkpoint."""
     config, data = setup.config, setup.data
+    select = _selects_best(setup)
     for epoch in range(state.epochs_done + 1, config.epochs + 1):
         loader = data.loader_for(epoch)
         totals = state.resume_epoch(loader, setup.device)  # None unless resuming mid-epoch
@@ -135,10 +174,11 @@ def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: 
                                 bf16=setup.bf16, epoch=epoch, ema=setup.ema, progress=setup.progress,
                                 start=state.step, totals=totals, after_step=state.mid_epoch_saver(run, setup, loader))
         stats = _over_all_processes(setup, stats)
-        val_acc = _accuracy(setup, data.val_loader, bf16=setup.bf16) if data.val_loader else None
-        state.end_epoch(epoch, stats, val_acc)
+        val_acc, val_loss = _validate(setup, data.val_loader, bf16=setup.bf16) if data.val_loader else (None, None)
+        if state.end_epoch(epoch, stats, val_acc) and select and setup.ctx.main:
+            run.write_best(setup.final.state_dict())  # before the checkpoint that counts on it
         record = {"epoch": epoch, "elapsed_seconds": round(state.train_seconds, 3), "train_loss": stats.loss,
-                  "train_accuracy": stats.accuracy, "val_accuracy": val_acc,
+                  "train_accuracy": stats.accuracy, "val_accuracy": val_acc, "val_loss": val_loss,
                   "lr": setup.optimizer.param_groups[0]["lr"], "images_per_second": round(stats.images_per_second, 1)}
         if config.eval_test:
             record["test_accuracy"] = _accuracy(setup, data.test_loader, bf16=setup.bf16, tta=config.tta,
@@ -146,6 +186,23 @@ def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: 
         log.record(record)  # before the checkpoint: a resumed run keeps the records its checkpoint covers
         state.save(run, setup, loader)
         log.line(epoch, stats, val_acc, state.train_seconds)
+        if config.early_stop and val_acc is not None and epoch - state.best_epoch >= config.early_stop:
+            log.say(f"stopping early: no better validation accuracy for {config.early_stop} epochs "
+                    f"(best {state.best_val:.4f} after epoch {state.best_epoch})")
+            break
+
+
+def _selects_best(setup: TrainingSetup) -> bool:
+    """config.keep best, with a validation split that is not also the test split (choosing
+    the epoch on the test images would flatter the test accuracy)."""
+    bundle = setup.data.bundle
+    return setup.config.keep == "best" and bundle.val is not None and bundle.val is not bundle.test
+
+
+def _selection_note(setup: TrainingSetup) -> str | None:
+    if setup.config.keep == "best" and setup.data.bundle.val is not None and not _selects_best(setup):
+        return "keeping the last epoch's weights: the validation split is also the test split"
+    return None
 
 
 def _over_all_processes(setup: TrainingSetup, stats: EpochStats) -> EpochStats:
@@ -159,6 +216,17 @@ def _over_all_processes(setup: TrainingSetup, stats: EpochStats) -> EpochStats:
     stats.loss, stats.accuracy, stats.images = loss_sum / seen, correct / seen, int(seen)
     distributed.sync_buffers(ctx, setup.model)
     return stats
+
+
+def _validate(setup: TrainingSetup, loader: BatchLoader, **kw: Any) -> tuple[float, float]:
+    """The final weights' accuracy and mean cross-entropy over the whole split, all processes' shares summed."""
+    correct, loss, total = 0, 0.0, 0
+    if len(loader.split):
+        logits, labels = predict_logits(setup.final, loader, **kw)
+        correct, total = (logits.argmax(1) == labels).sum(), len(labels)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+    correct, loss, total = distributed.sum_across(setup.ctx, correct, loss, total)
+    return (correct / total, loss / total) if total else (float("nan"), float("nan"))
 
 
 def _accuracy(setup: TrainingSetup, loader: BatchLoader, **kw: Any) -> float:
@@ -206,6 +274,14 @@ def _describe(setup: TrainingSetup, run: RunDir) -> str:
 def _finish(setup: TrainingSetup, state: TrainingState, run: RunDir, say: Callable[[str], None]) -> Path:
     """Test the final weights; rank 0 writes them with their model card, and summary.json."""
     config, data, ctx = setup.config, setup.data, setup.ctx
+    kept_epoch = state.epochs_done
+    if _selects_best(setup) and 0 < state.best_epoch < state.epochs_done:
+        best = run.read_best()
+        if best is not None:
+            setup.final.load_state_dict(best)
+            kept_epoch = state.best_epoch
+            say(f"keeping the weights of epoch {kept_epoch}, the best on the validation split "
+                f"({state.best_val:.4f})")
     # fp32 here, as evaluate, predict and exported models run: the figures must agree
     test_acc = _accuracy(setup, data.test_loader, bf16=False, tta=config.tta, flip=data.flip)
     peak_rss = distributed.gather_objects(ctx, peak_rss_mib())
@@ -216,10 +292,11 @@ def _finish(setup: TrainingSetup, state: TrainingState, run: RunDir, say: Callab
         architecture=config.model, model_args=config.model_args, class_names=bundle.class_names,
         in_channels=bundle.in_channels, image_size=bundle.image_size, mean=data.mean, std=data.std,
         tta=config.tta, tta_flip=data.flip, dataset=bundle.name, recipe=config.recipe,
-        cnnlab_version=__version__))
+        cnnlab_version=__version__, source_sha256=setup.source_sha256))
+    run.remove_best()
     run.write_summary({
         "test_accuracy": test_acc, "best_val_accuracy": None if math.isnan(state.best_val) else state.best_val,
-        "train_seconds": round(state.train_seconds, 3), "epochs": config.epochs,
+        "train_seconds": round(state.train_seconds, 3), "epochs": state.epochs_done, "kept_epoch": kept_epoch,
         "images_per_second": round(state.images_seen / max(state.train_seconds, 1e-9), 1),
         "params": count_parameters(setup.model), "dataset": bundle.name, "model": config.model,
         "device": setup.device.type, "bf16": setup.bf16, "train_images": len(bundle.train), "processes": ctx.world,
@@ -230,22 +307,37 @@ def _finish(setup: TrainingSetup, state: TrainingState, run: RunDir, say: Callab
     return run.path
 
 
-def _start_run(setup: TrainingSetup) -> RunDir:
+def _occupied(run: RunDir) -> str | None:
+    """Why a new run may not be written to `run` (one sentence), or None."""
+    if run.is_finished():
+        return f"{run} holds a finished run; choose another output directory, or overwrite it (--overwrite)."
+    if run.is_started():
+        return (f"{run} holds an unfinished run; resume it (--resume {run}), choose another output directory, "
+                "or overwrite it (--overwrite).")
+    return None
+
+
+def _start_run(setup: TrainingSetup, overwrite: bool = False) -> RunDir:
     """A new run directory, named by rank 0; every process stops if it cannot be written."""
     config, ctx = setup.config, setup.ctx
     run_dir = distributed.broadcast_object(ctx, Path(config.out) if config.out else default_run_dir(config))
-    problem = _start_run_dir(run_dir, config, setup.data.bundle) if ctx.main else None
+    problem = _start_run_dir(run_dir, config, setup.data.bundle, overwrite) if ctx.main else None
     problem = distributed.broadcast_object(ctx, problem)  # every process stops, not only rank 0
     if problem:
         raise CnnlabError(problem)
     return RunDir(run_dir)
 
 
-def _start_run_dir(run_dir: Path, config: TrainConfig, bundle: DatasetBundle) -> str | None:
+def _start_run_dir(run_dir: Path, config: TrainConfig, bundle: DatasetBundle, overwrite: bool) -> str | None:
     """Create a new run directory with its config.yaml; a problem is returned as one sentence."""
+    run = RunDir(run_dir)
+    problem = _occupied(run)
+    if problem and not overwrite:
+        return problem
     try:
+        if problem:
+            run.clear()
         run_dir.mkdir(parents=True, exist_ok=True)
-        run = RunDir(run_dir)
         run.write_config(config.to_dict())
         run.start_metrics()
         run.write_skipped(bundle.skipped or [])
