@@ -214,8 +214,14 @@ BAD_META = [
     ("names-not-list", {"class_names": "ant,bee,cat"}, "lacks a valid 'class_names'"),
     ("newer-format", {"format_version": 2}, "newer cnnlab"),
     ("older-format", {"format_version": 0}, "format_version 0"),
-    ("unknown-architecture", {"architecture": "alexnet-9000"}, "unknown architecture"),
-    ("unknown-tv-architecture", {"architecture": "tv:nonexistent_net"}, "unknown architecture"),
+    ("unknown-architecture", {"architecture": "alexnet-9000"}, "which this process does not know"),
+    ("unknown-tv-architecture", {"architecture": "tv:nonexistent_net"}, "which this process does not know"),
+    # an import path is the user's own model: only with its source's sha256, and only an nn.Module
+    # class or a Python function, never just any callable
+    ("import-path-without-sha", {"architecture": "subprocess:run"}, "without the sha256 of its source"),
+    ("builtin-callable", {"architecture": "os:system", "source_sha256": "0" * 64}, "not a torch.nn.Module class"),
+    ("vanished-source", {"architecture": "/nonexistent/net.py:Net", "source_sha256": "0" * 64}, "no longer exists"),
+    ("bad-source-sha", {"source_sha256": "xyz"}, "source_sha256"),
     ("fewer-names", {"class_names": ["ant", "bee"]}, "2 class names for 3 classes"),
     ("zero-classes", {"num_classes": 0, "class_names": []}, "at least one class"),
     ("names-not-strings", {"class_names": [1, 2, 3]}, "not strings"),

@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _in_flags(exc: CnnlabError) -> str:
     """The error as the command line says it: a setting named by its flag."""
     if isinstance(exc, InvalidSetting):
-        return f"--{exc.setting.replace('_', '-')} {exc.problem}"
+        flag = {"model_args": "model-arg", "split_folders": "split-folder"}.get(exc.setting, exc.setting)
+        return f"--{flag.replace('_', '-')} {exc.problem}"
     return str(exc)
 
 

@@ -91,6 +91,21 @@ def check_model_name(name: str) -> None:
         _MODELS.get(name)
 
 
+def recorded_name(name: str) -> str:
+    """What a run records for `name`, so that a fresh process can build the model: the name
+    itself, except for a model registered at run time by the user's own code (register_model),
+    which a later `cnnlab evaluate` would not know: that is recorded by its import path. A file
+    path is made absolute, since later commands run from anywhere."""
+    if user_source.is_import_path(name):
+        return user_source.resolve(name)[0].spec
+    if name not in _MODELS or is_builtin(name):
+        return name
+    build = _MODELS.get(name).build
+    if build.__module__ == __name__:  # an entry point's builder: found again by its name
+        return name
+    return user_source.source_of(build).spec
+
+
 def is_builtin(name: str) -> bool:
     """One of cnnlab's own architectures (models/nets.py), which the recipes are tuned for."""
     return name in _MODELS and _MODELS.get(name).build.__module__ == f"{__package__}.nets"

@@ -146,6 +146,10 @@ def build(obj: Callable[..., Any], in_channels: int, num_classes: int, model_arg
 def _import_file(path: Path) -> Any:
     if not path.is_file():
         raise CnnlabError(f"Model file {path} does not exist.")
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    if main_file and Path(main_file).resolve() == path:
+        return main  # the script that is running: importing it again would run it again
     name = "cnnlab_model_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
     if name in sys.modules:
         return sys.modules[name]

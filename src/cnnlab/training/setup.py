@@ -189,7 +189,7 @@ def choose_schedule(config: TrainConfig, train_images: int, world: int = 1) -> t
         why.append(f"{epochs} epochs instead of {config.epochs} to train at least {config.min_steps} steps")
     chosen = dataclasses.replace(config, batch_size=batch, epochs=epochs,
                                  warmup_epochs=config.warmup_epochs * epochs / config.epochs)
-    text = (f"schedule: {epochs} epochs of {steps} steps ({epochs * steps:,} steps), batch {batch}, "
+    text = (f"schedule: {epochs} epoch{'' if epochs == 1 else 's'} of {steps} steps ({epochs * steps:,} steps), batch {batch}, "
             f"{chosen.optimizer} at lr {config.lr:g} per {LR_BATCH} images")
     return chosen, text + (f" ({'; '.join(why)})" if why else "")
 

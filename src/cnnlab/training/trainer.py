@@ -24,7 +24,7 @@ from ..data.memory import own_bundle, save_split
 from ..data.split import DatasetBundle
 from ..devices import resolve_device
 from ..errors import CnnlabError
-from ..models.registry import check_model_name, count_parameters
+from ..models.registry import check_model_name, count_parameters, recorded_name
 from ..models.source import source_of
 from ..rundir import RunDir
 from . import distributed
@@ -111,6 +111,8 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
                             progress=config.progress)
         config = dataclasses.replace(config, dataset=bundle.name)
     check_model_name(config.model)  # before joining other processes and minutes of data loading
+    if recorded_name(config.model) != config.model:  # registered by the user's code: record where it lives
+        config = dataclasses.replace(config, model=recorded_name(config.model))
     if config.tensorboard:
         require_tensorboard()
     device = resolve_device(config.device)

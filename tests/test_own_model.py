@@ -1,0 +1,293 @@
+"""A user's own network, as a tutorial reader writes it: trained through `--model file.py:Name`,
+then evaluated, predicted with, exported, served and reported on, each in a fresh process;
+and the ways it can go wrong, each one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import needs_fmnist
+from serving import running_server
+from usage import usage_error
+
+pytestmark = [needs_fmnist, pytest.mark.usefixtures("use_cache_env")]
+
+# The PyTorch tutorial's network, for 28x28 grayscale images, written as a reader of it would.
+NET_PY = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 6, 5)
+            self.pool = nn.MaxPool2d(2, 2)
+            self.conv2 = nn.Conv2d(6, 16, 5)
+            self.fc1 = nn.Linear(16 * 4 * 4, 120)
+            self.fc2 = nn.Linear(120, 84)
+            self.fc3 = nn.Linear(84, num_classes)
+
+        def forward(self, x):
+            x = self.pool(F.relu(self.conv1(x)))
+            x = self.pool(F.relu(self.conv2(x)))
+            x = torch.flatten(x, 1)
+            x = F.relu(self.fc1(x))
+            x = F.relu(self.fc2(x))
+            return self.fc3(x)
+
+
+    class Net32(Net):
+        """Sized for 32x32 images: its first Linear does not fit 28x28 ones."""
+        def __init__(self, num_classes=10):
+            super().__init__(num_classes)
+            self.fc1 = nn.Linear(16 * 5 * 5, 120)
+
+
+    def lazy_net(in_channels, num_classes, hidden=32):
+        """A factory; the Linear layers take their input size from the first batch."""
+        return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), nn.LazyLinear(num_classes))
+''')
+
+
+def cnnlab(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error:"), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("project")
+    (folder / "net.py").write_text(NET_PY)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def own_run(project: Path, cache_env: dict[str, str]) -> tuple[Path, subprocess.CompletedProcess]:
+    """`cnnlab train --model net.py:Net`, with the default recipe otherwise (so its step budget:
+    500 steps of 64 images), from the project folder."""
+    result = cnnlab("train", "--model", "net.py:Net", "--limit-train", "1200", "--out", "run",
+                    "--no-progress", cwd=project, env=cache_env)
+    assert result.returncode == 0, result.stderr
+    return project / "run", result
+
+
+def test_own_model_trains_without_the_recipes_fastnet_settings(own_run):
+    run, result = own_run
+    card = json.loads((run / "model.json").read_text())
+    assert card["architecture"] == f"{run.parent / 'net.py'}:Net"  # absolute: later commands run from anywhere
+    assert len(card["source_sha256"]) == 64
+    # the fast recipe's whitened first layer and SGD rate are fastnet's: said in one line, not applied
+    assert "recipe fast is tuned for fastnet" in result.stdout
+    assert "optimizer adamw" in result.stdout and "whiten off" in result.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.7  # far above chance (0.1)
+
+
+def test_every_command_rebuilds_it_in_a_fresh_process(own_run, fmnist_test_images, tmp_path, cache_env):
+    run, _ = own_run
+    elsewhere = tmp_path  # not the folder net.py is in
+    summary = json.loads((run / "summary.json").read_text())
+
+    result = cnnlab("evaluate", str(run), "--no-progress", cwd=elsewhere, env=cache_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "eval.json").read_text())["accuracy"] == pytest.approx(summary["test_accuracy"])
+
+    paths, _ = fmnist_test_images
+    result = cnnlab("predict", str(run), *map(str, paths[:8]), "--format", "csv", "--no-progress", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    torch_labels = [line.split(",")[1] for line in result.stdout.splitlines()[1:]]
+    assert len(torch_labels) == 8
+
+    result = cnnlab("export", str(run), cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    result = cnnlab("predict", str(run / "model.onnx"), *map(str, paths[:8]), "--backend", "onnx", "--format", "csv",
+                    "--no-progress", cwd=elsewhere)
+    assert [line.split(",")[1] for line in result.stdout.splitlines()[1:]] == torch_labels
+
+    result = cnnlab("report", str(run), "--no-progress", cwd=elsewhere, env=cache_env)
+    assert result.returncode == 0, result.stderr
+    assert "net.py:Net" in (run / "report.html").read_text()
+
+    with running_server(run) as url:
+        model = httpx.get(f"{url}/v1/model").json()
+        assert model["architecture"].endswith("net.py:Net")
+        with open(paths[0], "rb") as fh:
+            answer = httpx.post(f"{url}/v1/predict", files={"files": fh}).json()
+        assert answer["predictions"][0]["predictions"][0]["label"] == torch_labels[0]
+
+
+def test_a_changed_or_vanished_source_is_one_line(own_run, fmnist_test_images, tmp_path):
+    run, _ = own_run
+    source = run.parent / "net.py"
+    original = source.read_text()
+    try:
+        source.write_text(original + "\n# edited\n")
+        line = one_error_line(cnnlab("evaluate", str(run), cwd=tmp_path))
+        assert "has changed since this run was trained" in line and str(source) in line
+        source.unlink()
+        line = one_error_line(cnnlab("predict", str(run), str(fmnist_test_images[0][0]), cwd=tmp_path))
+        assert "no longer exists" in line
+    finally:
+        source.write_text(original)
+
+
+def test_lazy_layers_are_materialised_and_reload(project, tmp_path):
+    import cnnlab as api
+
+    run = api.train(model=f"{project / 'net.py'}:lazy_net", model_args={"hidden": 16}, limit_train=300,
+                       epochs=1, out=str(tmp_path / "lazy"), progress=False)
+    clf = api.Classifier.load(run)
+    assert clf.model[4].in_features == 8 * 14 * 14  # the LazyLinear, sized by the dummy batch
+    result = cnnlab("evaluate", str(run), "--no-progress")
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_model_that_does_not_fit_the_data_is_named_before_training(project, capsys):
+    line = usage_error(["train", "--model", f"{project / 'net.py'}:Net32", "--limit-train", "100", "--epochs", "1",
+                        "--no-progress"], capsys)
+    assert "layer 'fc1' (Linear) expects 400 input features but gets 256" in line
+    assert "1x28x28 images" in line
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("net.py:Nett", "defines no 'Nett'; it has Net, Net32, lazy_net"),
+    ("missing.py:Net", "does not exist"),
+    ("no_such_package.models:Net", "No module named 'no_such_package.models'"),
+])
+def test_a_bad_import_path_is_one_line(project, spec, fragment, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    assert fragment in usage_error(["train", "--model", spec, "--no-progress"], capsys)
+
+
+def test_a_model_from_a_notebook_is_refused_before_training(tmp_path, cache_env):
+    """`python -c` runs code the way a notebook does: no file a later process could import."""
+    code = textwrap.dedent('''
+        import cnnlab
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(784, 10)
+            def forward(self, x):
+                return self.fc(x.flatten(1))
+        try:
+            cnnlab.train(model=Net, limit_train=100, epochs=1, progress=False)
+        except cnnlab.CnnlabError as exc:
+            print(exc)
+    ''')
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, **cache_env}, timeout=300)
+    assert "defined in a notebook or an interactive session" in result.stdout, result.stderr
+    assert "move it into a file such as net.py" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_script_trains_its_own_class_and_instance(tmp_path, cache_env):
+    """A script (run as __main__) that trains the class it defines; later commands import the
+    script again, where its main guard keeps it from training again."""
+    script = tmp_path / "train_mine.py"
+    script.write_text(NET_PY + textwrap.dedent('''
+        if __name__ == "__main__":
+            import sys
+            import cnnlab
+            model = Net(num_classes=10) if sys.argv[1] == "instance" else Net
+            cnnlab.train(model=model, limit_train=300, epochs=1, out=sys.argv[2], progress=False)
+            try:
+                changed = Net()
+                changed.fc3 = torch.nn.Linear(84, 10, bias=False)  # what Net() alone does not build
+                cnnlab.train(model=changed, limit_train=300, epochs=1, progress=False)
+            except cnnlab.CnnlabError as exc:
+                print("refused:", exc)
+    '''))
+    for kind in ("class", "instance"):
+        result = subprocess.run([sys.executable, str(script), kind, str(tmp_path / kind)], capture_output=True,
+                                text=True, cwd=tmp_path, env={**os.environ, **cache_env}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        # an instance its class cannot rebuild is refused, saying what to pass instead
+        refusal = result.stdout.split("refused:")[1]
+        assert "does not rebuild (e.g. 'fc3.bias' differs)" in refusal and "pass the class" in refusal
+        card = json.loads((tmp_path / kind / "model.json").read_text())
+        assert card["architecture"] == f"{script}:Net"
+        evaluated = cnnlab("evaluate", str(tmp_path / kind), "--no-progress", env=cache_env)
+        assert evaluated.returncode == 0, evaluated.stderr
+        assert "epoch" not in evaluated.stdout  # the script's main block did not run again
+
+
+def test_a_model_registered_in_user_code_is_recorded_by_import_path(tmp_path, cache_env):
+    (tmp_path / "mynets.py").write_text(textwrap.dedent('''
+        import cnnlab
+        from torch import nn
+
+        @cnnlab.register_model("tiny", "a one-layer net")
+        def tiny(in_channels, num_classes):
+            return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, num_classes))
+    '''))
+    code = ("import cnnlab, mynets; "
+            f"cnnlab.train(model='tiny', limit_train=200, epochs=1, out={str(tmp_path / 'run')!r}, progress=False)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, **cache_env}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["architecture"] == "mynets:tiny"
+    evaluated = cnnlab("evaluate", str(tmp_path / "run"), "--no-progress", cwd=tmp_path, env=cache_env)
+    assert evaluated.returncode == 0, evaluated.stderr
+
+
+def test_packages_register_models_through_entry_points(tmp_path, cache_env):
+    """An installed package's `cnnlab.models` entry point: listed, trained and loaded by name."""
+    site = tmp_path / "site"
+    (site / "acme_nets").mkdir(parents=True)
+    (site / "acme_nets" / "__init__.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        def small(in_channels, num_classes, width=8):
+            return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(width, num_classes))
+    '''))
+    dist = site / "acme_nets-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-nets\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[cnnlab.models]\nacme-small = acme_nets:small\n")
+    env = {**cache_env, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    listed = cnnlab("models", env=env)
+    assert "acme-small" in listed.stdout and "acme-nets" in listed.stdout
+    result = cnnlab("train", "--model", "acme-small", "--model-arg", "width=4", "--limit-train", "200", "--epochs", "1",
+                    "--out", str(tmp_path / "run"), "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["architecture"] == "acme-small"
+    assert cnnlab("evaluate", str(tmp_path / "run"), "--no-progress", env=env).returncode == 0
+    # without the package, the run names what is missing
+    line = one_error_line(cnnlab("evaluate", str(tmp_path / "run"), env=cache_env))
+    assert "'acme-small', which this process does not know" in line
+
+
+def test_torchvision_models_get_the_foreign_model_defaults(tmp_path):
+    import cnnlab as api
+    from cnnlab.training.config import make_config
+
+    config = make_config(model="tv:resnet18")
+    assert (config.optimizer, config.lr, config.whiten, config.model_args) == ("adamw", 0.002, False, {})
+    # asked for explicitly, they are kept
+    config = make_config(model="tv:resnet18", optimizer="sgd", lr=0.05, whiten=True)
+    assert (config.optimizer, config.lr, config.whiten) == ("sgd", 0.05, True)
+    assert make_config(optimizer="adamw").lr == 0.002  # the recipe's 0.2 is SGD's rate
+    run = api.train(model="tv:resnet18", limit_train=200, epochs=1, out=str(tmp_path / "run"), progress=False)
+    assert json.loads((run / "model.json").read_text())["architecture"] == "tv:resnet18"
