@@ -306,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", default="1,2", help="comma-separated numbers of processes")
     p.add_argument("--recipe", default="fast")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `cnnlab train` flags after --")
+    p = sub.add_parser("own-data", help="small folders with the default recipe, tv:resnet18 with the defaults, "
+                       "fine-tuning against training from scratch")
+    p.add_argument("--cifar", type=Path, help="a CIFAR-10 copy in class folders (train/, test/) for the 5,000-image runs")
+    p.add_argument("--torchvision", action="store_true", help="also tv:resnet18 on the CIFAR subset (about 10 minutes)")
+    p.add_argument("--workdir", type=Path, help="where to build the folders and runs (default: a new temporary folder)")
     p = sub.add_parser("_baseline")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=5)
@@ -326,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
             bench_soak(ns.run_dir, ns.clients, ns.seconds, ns.invalid_share)
         else:
             bench_predict(ns.run_dir, ns.images, ns.batch_size)
+        return 0
+    if ns.command == "own-data":
+        from benchmarks.own_data import run, table
+
+        print(f"machine: {machine()}", flush=True)
+        results = run(ns.cifar, ns.torchvision, ns.workdir)
+        print(table(results))
+        for r in results:
+            print(f"{r['name']}: {r.get('command', '')}\n    {r.get('schedule', '')}")
         return 0
     if ns.command == "ddp":
         print(f"machine: {machine()}")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import needs_fmnist
 from serving import running_server
 from usage import usage_error
@@ -246,8 +245,9 @@ def test_a_model_registered_in_user_code_is_recorded_by_import_path(tmp_path, ca
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, **cache_env}, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "run" / "model.json").read_text())["architecture"] == "mynets:tiny"
-    evaluated = cnnlab("evaluate", str(tmp_path / "run"), "--no-progress", cwd=tmp_path, env=cache_env)
+    # a module beside the script is recorded by its file: importable from any folder
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["architecture"] == f"{tmp_path}/mynets.py:tiny"
+    evaluated = cnnlab("evaluate", str(tmp_path / "run"), "--no-progress", env=cache_env)
     assert evaluated.returncode == 0, evaluated.stderr
 
 
@@ -291,3 +291,49 @@ def test_torchvision_models_get_the_foreign_model_defaults(tmp_path):
     assert make_config(optimizer="adamw").lr == 0.002  # the recipe's 0.2 is SGD's rate
     run = api.train(model="tv:resnet18", limit_train=200, epochs=1, out=str(tmp_path / "run"), progress=False)
     assert json.loads((run / "model.json").read_text())["architecture"] == "tv:resnet18"
+
+
+def test_a_model_from_your_own_training_loop_becomes_a_run(project, tmp_path, cache_env):
+    """A plain PyTorch loop (ToTensor + Normalize, SGD), then save_run: cnnlab evaluate in a new
+    process scores the test images exactly as the loop's own evaluation did."""
+    script = project / "own_loop.py"
+    script.write_text(textwrap.dedent('''
+        import json, sys
+        import torch
+        import cnnlab
+        from cnnlab.data.load import load_dataset
+        from net import Net
+
+        bundle = load_dataset("fashion-mnist", val_split=0, progress=False)
+        x = (bundle.train.images[:2000].float() / 255 - 0.5) / 0.5  # ToTensor, then Normalize((0.5,), (0.5,))
+        y = bundle.train.labels[:2000]
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for epoch in range(2):
+            for i in range(0, 2000, 50):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[i:i + 50]), y[i:i + 50]).backward()
+                opt.step()
+        model.eval()
+        test_x, test_y = bundle.test.images[:500], bundle.test.labels[:500]
+        with torch.no_grad():
+            mine = (model((test_x.float() / 255 - 0.5) / 0.5).argmax(1) == test_y).float().mean().item()
+        run = cnnlab.save_run(model, sys.argv[1], class_names=bundle.class_names, mean=[0.5], std=[0.5],
+                              image_size=28, test_data=(test_x, test_y))
+        print(json.dumps({"accuracy": mine}))
+    '''))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                            cwd=project, env={**os.environ, **cache_env}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    mine = json.loads(result.stdout.strip().splitlines()[-1])["accuracy"]
+    assert mine > 0.6
+    evaluated = cnnlab("evaluate", str(tmp_path / "run"), "--no-progress", cwd=tmp_path, env=cache_env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["images"] == 500 and report["accuracy"] == pytest.approx(mine, abs=1e-9)
+    assert cnnlab("export", str(tmp_path / "run"), cwd=tmp_path).returncode == 0
+    # a finished run is not overwritten unless asked
+    again = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                           cwd=project, env={**os.environ, **cache_env}, timeout=300)
+    assert again.returncode != 0 and "holds a finished run" in again.stderr

@@ -14,6 +14,7 @@ _EXPORTS = {
     "TrainConfig": "training.config", "CnnlabError": "errors",
     "create_model": "models.registry", "list_models": "models.registry", "register_model": "models.registry",
     "list_datasets": "data.builtin", "load_dataset": "data.load", "train": "training.trainer",
+    "save_run": "training.save",
     "evaluate_run": "evaluation.evaluate", "export_model": "deploy.export", "OnnxClassifier": "deploy.onnx_runtime",
 }
 __all__ = [*_EXPORTS, "__version__"]

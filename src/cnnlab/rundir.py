@@ -64,6 +64,15 @@ class RunDir:
         """Training has begun here (a config.yaml was written)."""
         return (self / self.CONFIG).is_file()
 
+    def occupied(self) -> str | None:
+        """Why a new run may not be written here (one sentence), or None."""
+        if self.is_finished():
+            return f"{self} holds a finished run; choose another output directory, or overwrite it (--overwrite)."
+        if self.is_started():
+            return (f"{self} holds an unfinished run; resume it (--resume {self}), choose another output directory, "
+                    "or overwrite it (--overwrite).")
+        return None
+
     def clear(self) -> None:
         """Remove every file a run writes (for --overwrite): nothing stale, such as an old eval.json
         or model.onnx, outlives the run it belonged to."""

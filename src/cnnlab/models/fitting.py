@@ -75,3 +75,4 @@ def _misfit(label: str, in_channels: int, image_size: tuple[int, int], entered: 
                 "images.")
     shape = f" (input shape {got})" if got else ""
     return f"{label} does not fit {data}: layer {name!r} ({kind}) fails{shape}: {first_line(exc)}."
+

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from ..card import ModelCard
-from ..errors import CnnlabError, first_line
+from ..errors import CnnlabError, InvalidSetting, first_line
 from ..registry import Registry
 from . import source as user_source
 from .fitting import check_fits, has_lazy
@@ -138,6 +138,22 @@ def model_from_card(card: ModelCard, where: str) -> nn.Module:
     if has_lazy(model):
         check_fits(model, card.architecture, card.in_channels, card.image_size, card.num_classes)
     return model
+
+
+def check_rebuilds(model: nn.Module, architecture: str, model_args: dict, in_channels: int,
+                   image_size: tuple[int, int], num_classes: int) -> None:
+    """A model instance whose run later commands will rebuild from `architecture` and
+    `model_args`: the rebuilt model must hold the same tensors, or the run could not be loaded."""
+    rebuilt = create_model(architecture, in_channels, num_classes, **model_args)
+    check_fits(rebuilt, architecture, in_channels, image_size, num_classes)
+    mine, theirs = model.state_dict(), rebuilt.state_dict()
+    differ = sorted(k for k in mine.keys() | theirs.keys()
+                    if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
+    if differ:
+        raise InvalidSetting("model", f"is an instance that {architecture} with model_args {model_args or '{}'} "
+                                      f"does not rebuild (e.g. {differ[0]!r} differs), and later commands rebuild it "
+                                      "that way; pass the class and its arguments instead (model=Net, "
+                                      "model_args={...}).")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -117,7 +117,20 @@ def source_of(obj: Any) -> ModelSource:
                               f"pass model='net.py:{qualname}' (or import it from there).")
         path = Path(file).resolve()
         return ModelSource(f"{path}:{qualname}", sha256_file(path))
+    if file and "." not in module_name and not _installed(Path(file)):
+        # a module beside the user's script (`from net import Net`): importable by name only from
+        # there, so recorded by its file, which any later process can load
+        path = Path(file).resolve()
+        return ModelSource(f"{path}:{qualname}", sha256_file(path))
     return ModelSource(f"{module_name}:{qualname}", sha256_file(Path(file)) if file else None)
+
+
+def _installed(file: Path) -> bool:
+    """A module installed in this environment (site-packages, the standard library)."""
+    import sysconfig
+
+    roots = {sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib")}
+    return any(file.resolve().is_relative_to(Path(root).resolve()) for root in roots)
 
 
 def build(obj: Callable[..., Any], in_channels: int, num_classes: int, model_args: dict[str, Any],

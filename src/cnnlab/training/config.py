@@ -227,7 +227,9 @@ def _is_own_model(name: str) -> bool:
     """One of cnnlab's own networks, which the recipes' learning rates suit."""
     if name.startswith("tv:") or ":" in name:
         return False
-    from ..models.registry import is_builtin  # imports torchvision: only when a model other than the recipe's is asked for
+    from ..models.registry import (
+        is_builtin,  # imports torchvision: only when a model other than the recipe's is asked for
+    )
 
     return is_builtin(name)
 

@@ -20,7 +20,7 @@ from ..errors import InvalidSetting
 from ..images.tensors import resize
 from ..models.fitting import check_fits
 from ..models.init import init_from_run, pretrained_torchvision
-from ..models.registry import check_model_name, create_model
+from ..models.registry import check_model_name, check_rebuilds, create_model
 from ..models.source import is_import_path, resolve
 from ..models.whitening import whiten_first_conv
 from . import distributed
@@ -113,8 +113,8 @@ def build_setup(config: TrainConfig, ctx: distributed.Context = distributed.SING
         model = create_model(config.model, channels, classes, **config.model_args)
     # lazy layers take their shapes from this, and a misfit is one line before any data is moved
     check_fits(model, config.model, channels, data.bundle.image_size, classes)
-    if given:
-        _check_rebuilds(model, config, channels, data.bundle.image_size, classes)
+    if given:  # later commands rebuild it from its class and model_args: that must give the same tensors
+        check_rebuilds(model, config.model, config.model_args, channels, data.bundle.image_size, classes)
     if config.init_from:
         init_note = init_from_run(model, config.init_from, architecture=config.model, model_args=config.model_args,
                                   in_channels=channels, class_names=data.bundle.class_names)
@@ -131,23 +131,6 @@ def build_setup(config: TrainConfig, ctx: distributed.Context = distributed.SING
         ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(config.ema_decay), use_buffers=True)
     return TrainingSetup(config, ctx, device, bf16, data, model, net, optimizer, scheduler, loss_fn, ema,
                          source_sha256, init_note)
-
-
-def _check_rebuilds(model: nn.Module, config: TrainConfig, channels: int, image_size: tuple[int, int],
-                    classes: int) -> None:
-    """A model instance given to train: later commands rebuild it from its class and
-    config.model_args, so that must give the same tensors, or the run could not be loaded."""
-    rebuilt = create_model(config.model, channels, classes, **config.model_args)
-    check_fits(rebuilt, config.model, channels, image_size, classes)
-    mine, theirs = model.state_dict(), rebuilt.state_dict()
-    differ = sorted(k for k in mine.keys() | theirs.keys()
-                    if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
-    if differ:
-        raise InvalidSetting("model", f"is an instance that {config.model} with model_args "
-                                      f"{config.model_args or '{}'} does not rebuild (e.g. {differ[0]!r} differs), "
-                                      "and later commands rebuild it that way; pass the class and its arguments "
-                                      "instead (model=Net, model_args={...}).")
-
 
 
 def load_training_data(config: TrainConfig, ctx: distributed.Context, device: torch.device, *,

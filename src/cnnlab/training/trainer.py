@@ -102,7 +102,7 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
     else:
         config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
         if config.out and not overwrite:
-            problem = _occupied(RunDir(config.out))
+            problem = RunDir(config.out).occupied()
             if problem:
                 raise CnnlabError(problem)
     bundle = None
@@ -309,16 +309,6 @@ def _finish(setup: TrainingSetup, state: TrainingState, run: RunDir, say: Callab
     return run.path
 
 
-def _occupied(run: RunDir) -> str | None:
-    """Why a new run may not be written to `run` (one sentence), or None."""
-    if run.is_finished():
-        return f"{run} holds a finished run; choose another output directory, or overwrite it (--overwrite)."
-    if run.is_started():
-        return (f"{run} holds an unfinished run; resume it (--resume {run}), choose another output directory, "
-                "or overwrite it (--overwrite).")
-    return None
-
-
 def _start_run(setup: TrainingSetup, overwrite: bool = False) -> RunDir:
     """A new run directory, named by rank 0; every process stops if it cannot be written."""
     config, ctx = setup.config, setup.ctx
@@ -333,7 +323,7 @@ def _start_run(setup: TrainingSetup, overwrite: bool = False) -> RunDir:
 def _start_run_dir(run_dir: Path, config: TrainConfig, bundle: DatasetBundle, overwrite: bool) -> str | None:
     """Create a new run directory with its config.yaml; a problem is returned as one sentence."""
     run = RunDir(run_dir)
-    problem = _occupied(run)
+    problem = run.occupied()
     if problem and not overwrite:
         return problem
     try:
