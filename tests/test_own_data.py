@@ -164,8 +164,9 @@ def test_a_finished_run_is_not_overwritten_unless_asked(fmnist, tmp_path, capsys
     assert cnnlab.cli.main(args) == 0
     (out / "eval.json").write_text("{}")  # a later command's file
     weights = (out / "model.safetensors").read_bytes()
-    line = usage_error(args, capsys)
-    assert "holds a finished run" in line and "--overwrite" in line
+    refused = cnnlab_cli(*args)  # in a fresh process, as a user meets it
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "holds a finished run" in refused.stderr and "--overwrite" in refused.stderr
     assert (out / "model.safetensors").read_bytes() == weights
     # rerunning a run's own config.yaml (which records out:) is refused the same way
     assert "holds a finished run" in usage_error(["train", "--config", str(out / "config.yaml")], capsys)
@@ -193,9 +194,12 @@ def test_init_from_a_run_on_other_classes_replaces_the_head(fmnist, tmp_path, ca
     assert result.returncode == 2 and "--model-arg differ from those" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
-def test_pretrained_offline_names_the_file_and_folder(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    line = usage_error(["train", "--model", "tv:resnet18", "--pretrained", "--limit-train", "100", "--epochs", "1",
-                        "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+def test_pretrained_offline_names_the_file_and_folder(tmp_path, capsys, cache_env):
+    result = cnnlab_cli("train", "--model", "tv:resnet18", "--pretrained", "--limit-train", "100", "--epochs", "1",
+                        "--out", str(tmp_path / "run"), "--no-progress",
+                        env={**cache_env, "TORCH_HOME": str(tmp_path / "torch")})
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("cnnlab: error: --pretrained") and "Traceback" not in result.stderr
     assert "resnet18-f37072fd.pth" in line and str(tmp_path / "torch") in line
     assert "works for torchvision models" in usage_error(["train", "--pretrained", "--no-progress"], capsys)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -146,6 +147,27 @@ def test_a_changed_or_vanished_source_is_one_line(own_run, fmnist_test_images, t
         assert "no longer exists" in line
     finally:
         source.write_text(original)
+
+
+def test_train_resume_rebuilds_it_too(own_run, tmp_path):
+    run, _ = own_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()  # as if stopped after its last checkpoint
+    result = cnnlab("train", "--resume", str(copy), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (copy / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+
+
+def test_explain_and_lr_find_take_it(own_run, fmnist_test_images, tmp_path, capsys):
+    from cnnlab.cli import main
+
+    run, _ = own_run
+    assert main(["explain", str(run), str(fmnist_test_images[0][0]), "--out", str(tmp_path / "explain")]) == 0
+    assert len(list((tmp_path / "explain").glob("*.png"))) == 1
+    assert main(["lr-find", "--model", f"{run.parent / 'net.py'}:Net", "--limit-train", "300", "--steps", "8",
+                 "--out", str(tmp_path / "lr"), "--no-progress"]) == 0
+    assert "suggested learning rate" in capsys.readouterr().out
 
 
 def test_lazy_layers_are_materialised_and_reload(project, tmp_path):

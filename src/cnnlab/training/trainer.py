@@ -25,7 +25,7 @@ from ..data.split import DatasetBundle
 from ..devices import resolve_device
 from ..errors import CnnlabError
 from ..models.registry import check_model_name, count_parameters, recorded_name
-from ..models.source import source_of
+from ..models.source import is_import_path, source_of
 from ..rundir import RunDir
 from . import distributed
 from .config import TrainConfig, load_yaml, make_config, recipe_note
@@ -42,7 +42,8 @@ def _slug(text: str) -> str:
 def default_run_dir(config: TrainConfig) -> Path:
     dataset = "folder-" + Path(config.dataset[7:]).name if config.dataset.startswith("folder:") else config.dataset
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{_slug(dataset)}-{_slug(config.model)}-{stamp}"
+    model = config.model.rpartition(":")[2] if is_import_path(config.model) else config.model  # Net, not its path
+    base = Path("runs") / f"{_slug(dataset)}-{_slug(model)}-{stamp}"
     run_dir, n = base, 1
     while run_dir.exists():
         n += 1
