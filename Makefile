@@ -19,8 +19,13 @@ demo: install data
 	@$(BIN)/python -c "import json; s = json.load(open('$(DEMO_RUN)/eval.json')); \
 		print(f\"test accuracy: {s['accuracy']:.4f}  (model and reports in $(DEMO_RUN))\")"
 
+# Two workers, each test file on one of them (its module fixtures built once): the suite spends
+# much of its time starting Python and torch in subprocesses, which overlap well on 2 cores
+# (about 11 minutes there, against about 17 in one process).
+TEST_WORKERS ?= 2
+
 test: install data browser
-	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Benchmarks (not tests): see BENCHMARKS.md.
 bench: install data

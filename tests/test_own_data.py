@@ -19,6 +19,7 @@ from PIL import Image
 from usage import usage_error
 
 import cnnlab
+import cnnlab.cli
 from cnnlab.data.load import load_dataset
 
 pytestmark = [needs_fmnist, pytest.mark.usefixtures("use_cache_env")]
@@ -138,24 +139,24 @@ def test_valid_folder_keeps_the_best_epoch_and_stops_early(fmnist, tmp_path, cac
     assert not (tmp_path / "run" / "best.safetensors").exists()
 
 
-def test_train_and_valid_only_never_choose_on_the_test_split(fmnist, tmp_path, cache_env):
+def test_train_and_valid_only_never_choose_on_the_test_split(fmnist, tmp_path, capsys):
     root = tmp_path / "data"
     write_images(root / "train", fmnist.train, fmnist.class_names, EASY, 40)
     write_images(root / "valid", fmnist.train, fmnist.class_names, EASY, 10, start=40)
     write_images(root / "holdout", fmnist.test, fmnist.class_names, EASY, 10)
-    result = cnnlab_cli("train", "--dataset", f"folder:{root}", "--epochs", "1", "--out", str(tmp_path / "a"),
-                        "--no-progress", env=cache_env)
-    assert result.returncode == 2 and "split folders (train/, valid/) and other folders (holdout/)" in result.stderr
+    line = usage_error(["train", "--dataset", f"folder:{root}", "--epochs", "1", "--no-progress"], capsys)
+    assert "split folders (train/, valid/) and other folders (holdout/)" in line
     (root / "holdout").rename(tmp_path / "holdout")
-    result = cnnlab_cli("train", "--dataset", f"folder:{root}", "--epochs", "1", "--out", str(tmp_path / "b"),
-                        "--no-progress", env=cache_env)
-    assert "test <- same as val" in result.stdout
-    assert "keeping the last epoch's weights: the validation split is also the test split" in result.stdout
+    assert cnnlab.cli.main(["train", "--dataset", f"folder:{root}", "--epochs", "1", "--out", str(tmp_path / "b"),
+                            "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "test <- same as val" in out
+    assert "keeping the last epoch's weights: the validation split is also the test split" in out
     # a flag names the test folder, wherever it is
-    result = cnnlab_cli("train", "--dataset", f"folder:{root}", "--split-folder", f"test={tmp_path / 'holdout'}",
-                        "--epochs", "1", "--out", str(tmp_path / "c"), "--no-progress", env=cache_env)
-    assert result.returncode == 0, result.stderr
-    assert "test <- " in result.stdout and "holdout" in result.stdout and "(40 images)" in result.stdout
+    assert cnnlab.cli.main(["train", "--dataset", f"folder:{root}", "--split-folder", f"test={tmp_path / 'holdout'}",
+                            "--epochs", "1", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "test <- " in out and "holdout" in out and "(40 images)" in out
 
 
 def test_a_finished_run_is_not_overwritten_unless_asked(fmnist, tmp_path, capsys):
@@ -179,8 +180,8 @@ def test_init_from_a_run_on_other_classes_replaces_the_head(fmnist, tmp_path, ca
     base = tmp_path / "others"
     write_images(base / "train", fmnist.train, fmnist.class_names, OTHERS, 40)
     write_images(base / "test", fmnist.test, fmnist.class_names, OTHERS, 10)
-    assert cnnlab_cli("train", "--dataset", f"folder:{base}", "--epochs", "1", "--out", str(tmp_path / "base"),
-                      "--no-progress", env=cache_env).returncode == 0
+    assert cnnlab.cli.main(["train", "--dataset", f"folder:{base}", "--epochs", "1", "--out", str(tmp_path / "base"),
+                            "--no-progress"]) == 0
     small = tmp_path / "small"
     write_images(small / "train", fmnist.train, fmnist.class_names, EASY, 20)
     write_images(small / "test", fmnist.test, fmnist.class_names, EASY, 10)
