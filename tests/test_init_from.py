@@ -227,3 +227,20 @@ def test_adapt_pretrained(name, head, in_channels):
     assert torch.equal(model.get_submodule(first).weight, folded)
     after = model.state_dict()
     assert all(torch.equal(after[key], t) for key, t in before.items() if not key.startswith((f"{head}.", f"{first}.")))
+
+
+@needs_fmnist
+def test_pretrained_training_normalises_as_the_weights_were_trained():
+    """--pretrained: the data are normalised with the weights' ImageNet statistics (averaged over
+    RGB for grayscale images), not the training images' own; recorded in model.json through them."""
+    from cnnlab.training import distributed
+    from cnnlab.training.config import make_config
+    from cnnlab.training.setup import load_training_data
+
+    config = make_config(model="tv:resnet18", pretrained=True, limit_train=100, epochs=1, progress=False)
+    data = load_training_data(config, distributed.SINGLE, torch.device("cpu"))
+    assert data.mean == pytest.approx([(0.485 + 0.456 + 0.406) / 3])
+    assert data.std == pytest.approx([(0.229 + 0.224 + 0.225) / 3])
+    plain = load_training_data(make_config(model="tv:resnet18", limit_train=100, epochs=1, progress=False),
+                               distributed.SINGLE, torch.device("cpu"))
+    assert plain.mean != data.mean

@@ -46,8 +46,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
+            metavar = None if f.metadata.get("choices") else f.metadata.get("metavar") or f.name.upper()
             parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), default=argparse.SUPPRESS,
-                                metavar=None if f.metadata.get("choices") else f.name.upper(), help=help_text)
+                                metavar=metavar, help=help_text)
     model_args, source = defaults["model_args"]
     shown = ", ".join(f"{k}={v}" for k, v in model_args.items()) or "none"
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",

@@ -107,9 +107,18 @@ def pretrained_torchvision(name: str, in_channels: int, num_classes: int,
         raise InvalidSetting("pretrained", f"needs tv:{name}'s weights, whose download into {folder} was damaged "
                                            f"({first_line(exc)}); try again.") from None
     adapt_pretrained(model, in_channels, num_classes)
-    transforms = weights.transforms()
+    return (model, *pretrained_normalisation(name, in_channels))
+
+
+def pretrained_normalisation(name: str, in_channels: int) -> tuple[list[float] | None, list[float] | None]:
+    """The mean and std torchvision's default weights for `name` were trained with, per input
+    channel (None where the weights do not say); known without downloading anything."""
+    try:
+        transforms = torchvision.models.get_model_weights(name.removeprefix("tv:")).DEFAULT.transforms()
+    except (ValueError, KeyError, AttributeError):
+        return None, None
     mean, std = getattr(transforms, "mean", None), getattr(transforms, "std", None)
-    return model, _per_channel(mean, in_channels), _per_channel(std, in_channels)
+    return _per_channel(mean, in_channels), _per_channel(std, in_channels)
 
 
 def adapt_pretrained(model: nn.Module, in_channels: int, num_classes: int) -> nn.Module:

@@ -69,7 +69,8 @@ def resolve(spec: str) -> tuple[ModelSource, Any]:
         if not hasattr(obj, part):
             defined = sorted(k for k, v in vars(module).items()
                              if not k.startswith("_") and (inspect.isclass(v) or inspect.isfunction(v)))
-            raise CnnlabError(f"{target} defines no {name!r}; it has {', '.join(defined[:10]) or 'no classes or functions'}.")
+            has = ", ".join(defined[:10]) or "no classes or functions"
+            raise CnnlabError(f"{target} defines no {name!r}; it has {has}.")
         obj = getattr(obj, part)
     # Only an nn.Module class or a Python function: a model card cannot name just any callable
     if not (inspect.isclass(obj) and issubclass(obj, nn.Module)) and not inspect.isfunction(obj):

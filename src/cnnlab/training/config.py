@@ -31,8 +31,9 @@ OWN_MODEL_SETTINGS = ("model_args", "whiten")
 FOREIGN_MODEL_SETTINGS = {"optimizer": "adamw", "lr": ADAMW_LR}
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    metadata = {"help": help, "choices": choices}
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, metavar: str | None = None,
+         **kw: Any) -> Any:
+    metadata = {"help": help, "choices": choices, "metavar": metavar}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
@@ -60,7 +61,7 @@ class TrainConfig:
                                  "path/to/file.py:Name or package.module:Name (a class or factory)")
     model_args: dict = _opt({}, "keyword arguments for the architecture, e.g. {widths: [32, 64, 128]}")
     init_from: str | None = _opt(None, "start from this run directory's weights (same architecture; the classifier "
-                                       "head is new when the classes differ)")
+                                       "head is new when the classes differ)", metavar="RUN_DIR")
     pretrained: bool = _opt(False, "start a torchvision model (tv:NAME) from its pretrained ImageNet weights")
     whiten: bool = _opt(False, "start the first convolution as whitening filters of the training images' patches, "
                                "frozen (faster early learning)")
@@ -68,8 +69,8 @@ class TrainConfig:
     epochs: int = _opt(4, "passes over the training set (more on a small training set, see --min-steps)")
     min_steps: int = _opt(0, "train at least this many optimiser steps: a small training set gets more epochs "
                              "(0 = exactly --epochs; giving --epochs sets it to 0)")
-    batch_size: int | None = _opt(None, f"images per optimiser step (default: {BATCH}, halved for a small "
-                                        f"training set until an epoch has {MIN_BATCHES} steps, down to {MIN_AUTO_BATCH})")
+    batch_size: int | None = _opt(None, f"images per optimiser step (default: {BATCH}, halved for a small training "
+                                        f"set until an epoch has {MIN_BATCHES} steps, down to {MIN_AUTO_BATCH})")
     optimizer: str = _opt("sgd", "sgd (Nesterov momentum) or adamw", ("sgd", "adamw"))
     lr: float = _opt(0.2, f"peak learning rate, per 256 images (scaled linearly with batch size; "
                           f"adamw's default is {ADAMW_LR})")

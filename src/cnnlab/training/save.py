@@ -52,7 +52,8 @@ def save_run(model: nn.Module, out: str | Path, *, class_names: Sequence[str], m
     check_fits(model, spec, in_channels, size, len(class_names))
     check_rebuilds(model, spec, model_args, in_channels, size, len(class_names))
     fields = {  # checked as model.json is, before anything is written
-        "format_version": FORMAT_VERSION, "architecture": spec, "model_args": model_args, "num_classes": len(class_names),
+        "format_version": FORMAT_VERSION, "architecture": spec, "model_args": model_args,
+        "num_classes": len(class_names),
         "class_names": list(class_names), "in_channels": in_channels, "image_size": list(size),
         "mean": [float(m) for m in mean], "std": [float(s) for s in std], "weights_sha256": "0" * 64,
         "tta": tta, "tta_flip": tta_flip, "dataset": dataset, "cnnlab_version": __version__,

@@ -19,7 +19,7 @@ from ..devices import bf16_supported, resolve_device
 from ..errors import InvalidSetting
 from ..images.tensors import resize
 from ..models.fitting import check_fits
-from ..models.init import init_from_run, pretrained_torchvision
+from ..models.init import init_from_run, pretrained_normalisation, pretrained_torchvision
 from ..models.registry import check_model_name, check_rebuilds, create_model
 from ..models.source import is_import_path, resolve
 from ..models.whitening import whiten_first_conv
@@ -145,6 +145,9 @@ def load_training_data(config: TrainConfig, ctx: distributed.Context, device: to
     if device.type == "cuda":  # the whole uint8 training set on the GPU: batches never cross the bus
         bundle.train = Split(bundle.train.images.to(device), bundle.train.labels.to(device))
     mean, std = channel_stats(bundle.train.images)
+    if config.pretrained:  # pretrained weights expect the normalisation they were trained with
+        given = pretrained_normalisation(config.model, bundle.in_channels)
+        mean, std = (given[0], given[1]) if given[0] and given[1] else (mean, std)
     normalize = Normalize(mean, std, device, config.channels_last)
     flip = {"on": True, "off": False}.get(config.flip, bundle.allow_flip)
     train_loader, low_loader = _train_loaders(config, bundle, normalize, flip, ctx)
@@ -172,8 +175,8 @@ def choose_schedule(config: TrainConfig, train_images: int, world: int = 1) -> t
         why.append(f"{epochs} epochs instead of {config.epochs} to train at least {config.min_steps} steps")
     chosen = dataclasses.replace(config, batch_size=batch, epochs=epochs,
                                  warmup_epochs=config.warmup_epochs * epochs / config.epochs)
-    text = (f"schedule: {epochs} epoch{'' if epochs == 1 else 's'} of {steps} steps ({epochs * steps:,} steps), batch {batch}, "
-            f"{chosen.optimizer} at lr {config.lr:g} per {LR_BATCH} images")
+    text = (f"schedule: {epochs} epoch{'' if epochs == 1 else 's'} of {steps} steps ({epochs * steps:,} steps), "
+            f"batch {batch}, {chosen.optimizer} at lr {config.lr:g} per {LR_BATCH} images")
     return chosen, text + (f" ({'; '.join(why)})" if why else "")
 
 
