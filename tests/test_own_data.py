@@ -151,7 +151,7 @@ def test_train_and_valid_only_never_choose_on_the_test_split(fmnist, tmp_path, c
                             "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "test <- same as val" in out
-    assert "keeping the last epoch's weights: the validation split is also the test split" in out
+    assert "keeping the best epoch off: the validation split is also the test split" in out
     # a flag names the test folder, wherever it is
     assert cnnlab.cli.main(["train", "--dataset", f"folder:{root}", "--split-folder", f"test={tmp_path / 'holdout'}",
                             "--epochs", "1", "--out", str(tmp_path / "c"), "--no-progress"]) == 0

@@ -308,6 +308,7 @@ def test_torchvision_models_get_the_foreign_model_defaults():
     config = make_config(model="tv:resnet18", optimizer="sgd", lr=0.05, whiten=True)
     assert (config.optimizer, config.lr, config.whiten) == ("sgd", 0.05, True)
     assert make_config(optimizer="adamw").lr == 0.002  # the recipe's 0.2 is SGD's rate
+    assert make_config(model="tv:resnet18", optimizer="sgd").lr == 0.2  # and SGD gets SGD's
     assert make_config(model="simple").optimizer == "sgd"  # cnnlab's own networks keep the recipe's SGD
     assert recipe_note(make_config()) is None
 
@@ -358,3 +359,50 @@ def test_a_model_from_your_own_training_loop_becomes_a_run(project, tmp_path, ca
     with pytest.raises(api.CnnlabError, match="holds a finished run"):
         api.save_run(reloaded.model, tmp_path / "run", class_names=reloaded.class_names, mean=[0.5], std=[0.5],
                      image_size=28, dataset="fashion-mnist")
+
+
+def test_a_config_object_with_overrides_follows_the_same_rules(project):
+    from cnnlab.training.config import make_config
+    from cnnlab.training.trainer import _with_overrides
+
+    config = _with_overrides(make_config(), {"model": f"{project / 'net.py'}:Net", "epochs": 3})
+    assert (config.model_args, config.whiten, config.optimizer, config.min_steps) == ({}, False, "adamw", 0)
+    kept = _with_overrides(make_config(lr=0.1, label_smoothing=0.0), {"seed": 3})
+    assert (kept.lr, kept.label_smoothing, kept.seed, kept.whiten) == (0.1, 0.0, 3, True)
+
+
+def test_a_module_imported_normally_is_not_run_twice(project, monkeypatch):
+    from cnnlab.models.source import resolve, source_of
+
+    monkeypatch.syspath_prepend(str(project))
+    import net  # as a script beside it would
+
+    source = source_of(net.Net)
+    assert source.spec == f"{project / 'net.py'}:Net"
+    assert resolve(source.spec)[1] is net.Net
+
+
+def test_tied_weights_are_saved_and_reload(project, tmp_path):
+    """safetensors refuses tensors that share memory; the run stores each and loading ties them again."""
+    import cnnlab as api
+
+    (project / "tied.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        class Tied(nn.Module):
+            def __init__(self, num_classes=10):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 8, 3, stride=2)
+                self.a = nn.Linear(8, 8)
+                self.b = nn.Linear(8, 8)
+                self.b.weight = self.a.weight  # tied
+                self.head = nn.Linear(8, num_classes)
+
+            def forward(self, x):
+                x = self.conv(x).mean((2, 3))
+                return self.head(self.b(self.a(x).relu()))
+    '''))
+    run = api.train(model=f"{project / 'tied.py'}:Tied", limit_train=200, epochs=1, out=str(tmp_path / "run"),
+                    progress=False)
+    model = api.Classifier.load(run).model
+    assert model.a.weight is model.b.weight

@@ -165,7 +165,7 @@ class RunDir:
         """Write model.safetensors, then model.json with the weights' sha256; returns that card."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        tensors = _separate(state)
         weights = self / self.WEIGHTS
         atomic_write(weights, lambda tmp: save_file(tensors, str(tmp)))
         card = card.with_weights(sha256_file(weights))
@@ -175,7 +175,7 @@ class RunDir:
     def write_best(self, state: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        tensors = _separate(state)
         atomic_write(self / self.BEST, lambda tmp: save_file(tensors, str(tmp)))
 
     def read_best(self) -> dict[str, Any] | None:
@@ -235,3 +235,16 @@ class RunDir:
 
     def write_eval(self, report: dict[str, Any]) -> None:
         write_json(self / self.EVAL, report)
+
+
+def _separate(state: dict[str, Any]) -> dict[str, Any]:
+    """The state dict's tensors on the CPU, each with memory of its own: safetensors refuses
+    tensors that share memory (tied weights), and loading copies the values into both again."""
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        tensors[key] = tensor.clone() if where in seen or tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+        seen.add(where)
+    return tensors

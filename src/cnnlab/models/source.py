@@ -137,7 +137,8 @@ def _installed(file: Path) -> bool:
 def build(obj: Callable[..., Any], in_channels: int, num_classes: int, model_args: dict[str, Any],
           label: str) -> nn.Module:
     """Call a model class or factory with `model_args`, adding in_channels and num_classes where
-    its signature takes them."""
+    its signature names them (num_classes also where it takes **kwargs, as torchvision's builders
+    do: they pass it on to the model, which has no in_channels)."""
     kwargs = dict(model_args)
     try:
         params = inspect.signature(obj).parameters
@@ -145,7 +146,7 @@ def build(obj: Callable[..., Any], in_channels: int, num_classes: int, model_arg
         params = {}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-        if key not in kwargs and (key in params or takes_any):
+        if key not in kwargs and (key in params or takes_any and key == "num_classes"):
             kwargs[key] = value
     try:
         model = obj(**kwargs)
@@ -160,10 +161,11 @@ def build(obj: Callable[..., Any], in_channels: int, num_classes: int, model_arg
 def _import_file(path: Path) -> Any:
     if not path.is_file():
         raise CnnlabError(f"Model file {path} does not exist.")
-    main = sys.modules.get("__main__")
-    main_file = getattr(main, "__file__", None)
-    if main_file and Path(main_file).resolve() == path:
-        return main  # the script that is running: importing it again would run it again
+    # The running script, or a module the user imported from this file (preferred to one this
+    # module loaded): importing it again would run its code twice, with classes of another identity.
+    loaded = [module for module in list(sys.modules.values()) if _is_file_of(module, path)]
+    if loaded:
+        return min(loaded, key=lambda module: module.__name__ in _LOADED_FILES)
     name = "cnnlab_model_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
     if name in sys.modules:
         return sys.modules[name]
@@ -182,6 +184,11 @@ def _import_file(path: Path) -> Any:
         del sys.modules[name]
         raise CnnlabError(f"Cannot import the model file {path}: {_where(exc)}.") from None
     return module
+
+
+def _is_file_of(module: Any, path: Path) -> bool:
+    file = getattr(module, "__file__", None)
+    return isinstance(file, str) and os.path.basename(file) == path.name and Path(file).resolve() == path
 
 
 def _import_module(target: str) -> Any:

@@ -211,14 +211,15 @@ def make_config(config_file: str | Path | None = None, **overrides: Any) -> Trai
     given = load_yaml(config_file) if config_file is not None else {}
     given.update({_key(k): coerce(_key(k), v) for k, v in overrides.items()})
     settings = dict(get_recipe(given.get("recipe", TrainConfig.recipe)).settings)
+    sgd_lr = settings.get("lr", TrainConfig.lr)
     model = given.get("model", settings.get("model", TrainConfig.model))
     if model != settings.get("model", TrainConfig.model):
         for key in OWN_MODEL_SETTINGS:
             settings.pop(key, None)
         if not _is_own_model(model):
             settings.update(FOREIGN_MODEL_SETTINGS)
-    if given.get("optimizer") == "adamw" and "lr" not in given:
-        settings["lr"] = ADAMW_LR  # the recipe's rate is SGD's
+    if "optimizer" in given and "lr" not in given:  # that optimizer's rate, not the other's
+        settings["lr"] = ADAMW_LR if given["optimizer"] == "adamw" else sgd_lr
     if "epochs" in given and "min_steps" not in given:
         given["min_steps"] = 0  # the epochs asked for, exactly
     return TrainConfig(**{**settings, **given}).validate()

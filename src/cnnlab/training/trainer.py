@@ -101,7 +101,7 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
             _log(f"{resume} has finished training already (summary.json is there); nothing to do.")
             return Path(resume)
     else:
-        config = make_config(**overrides) if config is None else make_config(**{**config.to_dict(), **overrides})
+        config = make_config(**overrides) if config is None else _with_overrides(config, overrides)
         if config.out and not overwrite:
             problem = RunDir(config.out).occupied()
             if problem:
@@ -130,6 +130,17 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
         raise
     finally:
         distributed.teardown()
+
+
+def _with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig with keyword overrides. The config's settings that differ from its recipe's
+    count as given, so that the recipe's rules (another model's own defaults, --epochs meaning
+    exactly that many) apply to the overrides as they do to flags."""
+    if not overrides:
+        return make_config(**config.to_dict())
+    plain = make_config(recipe=config.recipe).to_dict()
+    given = {k: v for k, v in config.to_dict().items() if k == "recipe" or v != plain[k]}
+    return make_config(**{**given, **overrides})
 
 
 def _train(config: TrainConfig, checkpoint: dict[str, Any] | None, run_dir: Path | None,
@@ -169,8 +180,10 @@ def _train(config: TrainConfig, checkpoint: dict[str, Any] | None, run_dir: Path
 def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: _EpochLog) -> None:
     """The epoch loop: train, combine the processes' figures, validate, record, checkpoint."""
     config, data = setup.config, setup.data
-    select = _selects_best(setup)
+    select, separate = _selects_best(setup), _separate_val(setup)
     for epoch in range(state.epochs_done + 1, config.epochs + 1):
+        if config.early_stop and separate and state.best_epoch and epoch - 1 - state.best_epoch >= config.early_stop:
+            break  # a resumed run that had stopped early before its summary was written
         loader = data.loader_for(epoch)
         totals = state.resume_epoch(loader, setup.device)  # None unless resuming mid-epoch
         stats = train_one_epoch(setup.net, loader, setup.optimizer, setup.scheduler, setup.loss_fn,
@@ -189,23 +202,33 @@ def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: 
         log.record(record)  # before the checkpoint: a resumed run keeps the records its checkpoint covers
         state.save(run, setup, loader)
         log.line(epoch, stats, val_acc, state.train_seconds)
-        if config.early_stop and val_acc is not None and epoch - state.best_epoch >= config.early_stop:
+        if config.early_stop and separate and epoch - state.best_epoch >= config.early_stop:
             log.say(f"stopping early: no better validation accuracy for {config.early_stop} epochs "
                     f"(best {state.best_val:.4f} after epoch {state.best_epoch})")
             break
 
 
-def _selects_best(setup: TrainingSetup) -> bool:
-    """config.keep best, with a validation split that is not also the test split (choosing
-    the epoch on the test images would flatter the test accuracy)."""
+def _separate_val(setup: TrainingSetup) -> bool:
+    """A validation split that is not also the test split: what keep-best and early stopping
+    choose on (choosing on the test images would flatter the test accuracy)."""
     bundle = setup.data.bundle
-    return setup.config.keep == "best" and bundle.val is not None and bundle.val is not bundle.test
+    return bundle.val is not None and bundle.val is not bundle.test
+
+
+def _selects_best(setup: TrainingSetup) -> bool:
+    return setup.config.keep == "best" and _separate_val(setup)
 
 
 def _selection_note(setup: TrainingSetup) -> str | None:
-    if setup.config.keep == "best" and setup.data.bundle.val is not None and not _selects_best(setup):
-        return "keeping the last epoch's weights: the validation split is also the test split"
-    return None
+    config, bundle = setup.config, setup.data.bundle
+    if _separate_val(setup):
+        return None
+    off = [what for what, on in (("keeping the best epoch", config.keep == "best" and bundle.val is not None),
+                                 ("early stopping", bool(config.early_stop))) if on]
+    if not off:
+        return None
+    why = "the validation split is also the test split" if bundle.val is not None else "there is no validation split"
+    return f"{' and '.join(off)} off: {why}"
 
 
 def _over_all_processes(setup: TrainingSetup, stats: EpochStats) -> EpochStats:
@@ -279,7 +302,8 @@ def _finish(setup: TrainingSetup, state: TrainingState, run: RunDir, say: Callab
     config, data, ctx = setup.config, setup.data, setup.ctx
     kept_epoch = state.epochs_done
     if _selects_best(setup) and 0 < state.best_epoch < state.epochs_done:
-        best = run.read_best()
+        # rank 0 wrote it; sent to the others, whose run directory need not be the same disk
+        best = distributed.broadcast_object(ctx, run.read_best() if ctx.main else None)
         if best is not None:
             setup.final.load_state_dict(best)
             kept_epoch = state.best_epoch
@@ -296,7 +320,6 @@ def _finish(setup: TrainingSetup, state: TrainingState, run: RunDir, say: Callab
         in_channels=bundle.in_channels, image_size=bundle.image_size, mean=data.mean, std=data.std,
         tta=config.tta, tta_flip=data.flip, dataset=bundle.name, recipe=config.recipe,
         cnnlab_version=__version__, source_sha256=setup.source_sha256))
-    run.remove_best()
     run.write_summary({
         "test_accuracy": test_acc, "best_val_accuracy": None if math.isnan(state.best_val) else state.best_val,
         "train_seconds": round(state.train_seconds, 3), "epochs": state.epochs_done, "kept_epoch": kept_epoch,
@@ -306,6 +329,7 @@ def _finish(setup: TrainingSetup, state: TrainingState, run: RunDir, say: Callab
         "peak_rss_mib": peak_rss,  # one figure per process
         "skipped_files": len(bundle.skipped or []),
         "finished": datetime.now().isoformat(timespec="seconds")})
+    run.remove_best()  # after summary.json: a resume before it still finds the best weights
     say(f"test accuracy {test_acc:.4f} after {state.train_seconds:.1f}s of training; run directory {run}")
     return run.path
 
