@@ -46,7 +46,8 @@ def save_run(model: nn.Module, out: str | Path, *, class_names: Sequence[str], m
         raise InvalidSetting("tta", f"must be one of {', '.join(TTA_MODES)}, got {tta!r}.")
     if dataset is None and test_data is None:
         raise InvalidSetting("dataset", "or test_data must say what the model is tested on.")
-    spec = recorded_name(source_of(model).spec)
+    source = source_of(model)
+    spec = recorded_name(source.spec)
     model_args = dict(model_args or {})
     model = model.cpu().eval()
     check_fits(model, spec, in_channels, size, len(class_names))
@@ -57,7 +58,7 @@ def save_run(model: nn.Module, out: str | Path, *, class_names: Sequence[str], m
         "class_names": list(class_names), "in_channels": in_channels, "image_size": list(size),
         "mean": [float(m) for m in mean], "std": [float(s) for s in std], "weights_sha256": "0" * 64,
         "tta": tta, "tta_flip": tta_flip, "dataset": dataset, "cnnlab_version": __version__,
-        "source_sha256": source_of(model).sha256}
+        "source_sha256": source.sha256}
     card = ModelCard.from_json({k: v for k, v in fields.items() if v is not None}, "the model card")
     test = None
     if test_data is not None:

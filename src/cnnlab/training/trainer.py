@@ -112,8 +112,9 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
                             progress=config.progress)
         config = dataclasses.replace(config, dataset=bundle.name)
     check_model_name(config.model)  # before joining other processes and minutes of data loading
-    if recorded_name(config.model) != config.model:  # registered by the user's code: record where it lives
-        config = dataclasses.replace(config, model=recorded_name(config.model))
+    recorded = recorded_name(config.model)  # a file path made absolute; a user-registered model by its path
+    if recorded != config.model:
+        config = dataclasses.replace(config, model=recorded)
     if config.tensorboard:
         require_tensorboard()
     device = resolve_device(config.device)
@@ -247,7 +248,7 @@ def _over_all_processes(setup: TrainingSetup, stats: EpochStats) -> EpochStats:
 def _validate(setup: TrainingSetup, loader: BatchLoader, **kw: Any) -> tuple[float, float]:
     """The final weights' accuracy and mean cross-entropy over the whole split, all processes' shares summed."""
     correct, loss, total = 0, 0.0, 0
-    if len(loader.split):
+    if len(loader.split):  # a process's share can be empty when a split has fewer images than processes
         logits, labels = predict_logits(setup.final, loader, **kw)
         correct, total = (logits.argmax(1) == labels).sum(), len(labels)
         loss = F.cross_entropy(logits, labels, reduction="sum")
@@ -256,13 +257,8 @@ def _validate(setup: TrainingSetup, loader: BatchLoader, **kw: Any) -> tuple[flo
 
 
 def _accuracy(setup: TrainingSetup, loader: BatchLoader, **kw: Any) -> float:
-    """The final weights' accuracy over the whole split: each process scores its share, the counts are summed."""
-    correct, total = 0, 0
-    if len(loader.split):  # a process's share can be empty when a split has fewer images than processes
-        logits, labels = predict_logits(setup.final, loader, **kw)
-        correct, total = (logits.argmax(1) == labels).sum(), len(labels)
-    correct, total = distributed.sum_across(setup.ctx, correct, total)
-    return correct / total if total else float("nan")
+    """The final weights' accuracy over the whole split (see _validate)."""
+    return _validate(setup, loader, **kw)[0]
 
 
 class _EpochLog:
