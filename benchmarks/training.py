@@ -70,11 +70,14 @@ def bench_recipe(recipe: str, dataset: str, workdir: Path, extra: list[str]) -> 
                                   "--eval-test", "--no-progress", "--out", str(out), *extra])
     if code != 0:
         return {"name": recipe, "error": f"exit status {code}"}
+    from benchmarks.ablation import flops_per_image
+
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     return {"name": recipe, "records": records, "final_accuracy": summary["test_accuracy"],
             "train_seconds": summary["train_seconds"], "images_per_second": summary["images_per_second"],
-            "process_seconds": round(wall, 1), "peak_rss_mib": rss, "epochs": summary["epochs"]}
+            "process_seconds": round(wall, 1), "peak_rss_mib": rss, "epochs": summary["epochs"],
+            "gflops": round(flops_per_image(out) * summary["images_per_second"] / 1e9, 1)}
 
 
 def bench_baseline(dataset: str, workdir: Path, epochs: int) -> dict[str, Any]:
@@ -83,8 +86,13 @@ def bench_baseline(dataset: str, workdir: Path, epochs: int) -> dict[str, Any]:
                                   "--epochs", str(epochs), "--json", str(out)])
     if code != 0:
         return {"name": "baseline", "error": f"exit status {code}"}
+    from benchmarks.ablation import model_flops_per_image
+    from cnnlab.models.registry import create_model
+
     result = json.loads(out.read_text())
-    return {**result, "process_seconds": round(wall, 1), "peak_rss_mib": rss}
+    flops = model_flops_per_image(create_model("simple", 1, 10), 1, (28, 28))  # defined on fashion-mnist
+    return {**result, "process_seconds": round(wall, 1), "peak_rss_mib": rss,
+            "gflops": round(flops * result["images_per_second"] / 1e9, 1)}
 
 
 def bench_ddp(nprocs: list[int], recipe: str, extra: list[str]) -> str:
@@ -242,17 +250,20 @@ def _fmt(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}"
 
 
-def table(results: list[dict], thresholds: tuple[float, ...]) -> str:
+def table(results: list[dict], thresholds: tuple[float, ...], peak: float | None = None) -> str:
+    """`peak`: the machine's bf16 matmul GFLOP/s, for the share of it each run's training achieved."""
     head = "| run | epochs | " + " | ".join(f"s to {t:.1%}" for t in thresholds) + \
-        " | final acc | train s | img/s | peak RSS MiB |"
+        " | final acc | train s | img/s | GFLOP/s | peak RSS MiB |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} |")
             continue
         times = " | ".join(_fmt(_time_to(r["records"], t)) for t in thresholds)
+        rate = r.get("gflops")
+        share = f" ({rate / peak:.0%})" if rate and peak else ""
         lines.append(f"| {r['name']} | {r['epochs']} | {times} | {r['final_accuracy']:.2%} | {r['train_seconds']:.1f} "
-                     f"| {r['images_per_second']:.0f} | {r['peak_rss_mib']} |")
+                     f"| {r['images_per_second']:.0f} | {_fmt(rate)}{share} | {r['peak_rss_mib']} |")
     return "\n".join(lines)
 
 
@@ -311,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cifar", type=Path, help="a CIFAR-10 copy in class folders (train/, test/) for the 5,000-image runs")
     p.add_argument("--torchvision", action="store_true", help="also tv:resnet18 on the CIFAR subset (about 10 minutes)")
     p.add_argument("--workdir", type=Path, help="where to build the folders and runs (default: a new temporary folder)")
+    p = sub.add_parser("ablation", help="a recipe whole, then without each airbench trick: epochs and seconds to "
+                       "accuracy, GFLOP/s")
+    p.add_argument("--dataset", required=True, help="e.g. folder:$HOME/.cache/cnnlab/cifar10-jpeg")
+    p.add_argument("--recipe", default="cifar")
+    p.add_argument("--thresholds", default="0.9,0.93")
+    p.add_argument("--only", help="comma-separated words: only the tricks whose row names contain one")
     p = sub.add_parser("_baseline")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=5)
@@ -345,24 +362,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {machine()}")
         print(bench_ddp([int(n) for n in ns.nproc.split(",")], ns.recipe, [a for a in ns.train_args if a != "--"]))
         return 0
+    if ns.command == "ablation":
+        from benchmarks.ablation import run as run_ablation
+
+        print(f"machine: {machine()}")
+        print(f"command: python -m benchmarks {' '.join(argv if argv is not None else sys.argv[1:])}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="cnnlab-ablation-") as tmp:
+            print(run_ablation(ns.dataset, ns.recipe, tuple(float(t) for t in ns.thresholds.split(",")), Path(tmp),
+                               ns.only.split(",") if ns.only else None))
+        return 0
     if ns.command == "levers":
         print(f"machine: {machine()}")
         print(bench_levers(ns.dataset, ns.compile))
         return 0
+    from benchmarks.ablation import peak_gflops
+
     thresholds = tuple(float(t) for t in ns.thresholds.split(","))
     extra = [a for a in ns.train_args if a != "--"]
     print(f"machine: {machine()}")
+    peak = peak_gflops("cuda" if "cuda" in extra else "cpu")
+    print(f"bf16 matmul peak: {peak:.0f} GFLOP/s", flush=True)
     print(f"command: python -m benchmarks {' '.join(argv if argv is not None else sys.argv[1:])}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="cnnlab-recipes-bench-") as tmp:
         if ns.baseline_epochs > 0:
             results.append(bench_baseline(ns.dataset, Path(tmp), ns.baseline_epochs))
-            print(table(results[-1:], thresholds).splitlines()[-1], flush=True)
+            print(table(results[-1:], thresholds, peak).splitlines()[-1], flush=True)
         for recipe in ns.recipes.split(","):
             results.append(bench_recipe(recipe.strip(), ns.dataset, Path(tmp), extra))
-            print(table(results[-1:], thresholds).splitlines()[-1], flush=True)
+            print(table(results[-1:], thresholds, peak).splitlines()[-1], flush=True)
     print()
-    print(table(results, thresholds))
+    print(table(results, thresholds, peak))
     for line in ratios(results):
         print(line)
     if ns.json:

@@ -76,8 +76,8 @@ class BatchLoader:
     together are exactly the batch one process would have trained on."""
 
     def __init__(self, split: Split, batch_size: int, normalize: Normalize, *, shuffle: bool,
-                 translate: int = 0, flip: bool = False, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world: int = 1):
+                 translate: int = 0, flip: bool = False, alternate_flip: bool = False, seed: int = 0,
+                 drop_last: bool = False, rank: int = 0, world: int = 1):
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
         self.split, self.batch_size, self.normalize = split, batch_size, normalize
@@ -88,6 +88,14 @@ class BatchLoader:
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch_state = self.generator.get_state()  # the state this epoch's order was drawn from
         self._resume: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # Alternating flip (airbench): each image is mirrored at random in epoch 1 and the other
+        # way round in every following epoch, so every two epochs see it both ways; the epoch
+        # (1-based) is set by the trainer. The per-image draw has its own generator, so the
+        # batch order and other draws are those of random flipping.
+        self.epoch = 1
+        self.first_flips = None
+        if flip and alternate_flip:
+            self.first_flips = torch.rand(len(split), generator=torch.Generator().manual_seed(seed + 1)) < 0.5
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -118,6 +126,8 @@ class BatchLoader:
             # draws for the whole global batch, in one fixed order, whatever this rank keeps
             shifts = translate_draws(len(index), self.translate, self.generator) if self.translate else None
             flips = torch.rand(len(index), generator=self.generator) < 0.5 if self.flip else None
+            if self.first_flips is not None:
+                flips = self.first_flips[index.cpu()] ^ (self.epoch % 2 == 0)
             mine = slice(None)
             if self.world > 1:
                 per_rank = self.batch_size // self.world

@@ -31,6 +31,7 @@ class DatasetSource:
     read: Callable[[Path], tuple[Split, Split, list[str]]]
     download: Callable[[Path], None]
     allow_flip: bool
+    shape: tuple[int, int] = (1, 28)  # (channels, side) of its images
 
     def locate(self) -> Path | None:
         """The first folder that holds every file (plain or .gz for IDX files), or None."""
@@ -206,6 +207,7 @@ register_dataset(DatasetSource(
     read=_read_cifar10,
     download=_torchvision_download("CIFAR10"),
     allow_flip=True,
+    shape=(3, 32),
 ))
 
 register_dataset(DatasetSource(
@@ -216,6 +218,7 @@ register_dataset(DatasetSource(
     read=_read_cifar100,
     download=_torchvision_download("CIFAR100"),
     allow_flip=True,
+    shape=(3, 32),
 ))
 
 

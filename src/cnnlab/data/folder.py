@@ -184,6 +184,18 @@ def _describe(paths: list[Path]) -> list[tuple[int, int] | str]:
     return out
 
 
+def peek_shape(path: str, sample: int = 16) -> tuple[int, int] | None:
+    """(channels, median longest side) of the first `sample` images under `path` from their headers,
+    or None where there are none: what a run on the folder would look like, without loading it."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return None
+    shapes = [d for d in _describe([p for _, p in zip(range(sample), walk_images(root))]) if not isinstance(d, str)]
+    if not shapes:
+        return None
+    return max(c for c, _ in shapes), int(np.median([side for _, side in shapes]))
+
+
 def _convert_chunk(paths: list[Path], channels: int, size: int) -> tuple[Any, ...]:
     """Decode and resize a run of files exactly as an in-memory dataset would be: the rows of
     the good ones, their shapes as decoded, and (position, reason) failures."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import CnnlabError
 from .builtin import get_source, locate_or_download
-from .folder import load_folder
+from .folder import load_folder, peek_shape
 from .split import DatasetBundle, stratified_holdout
 
 
@@ -25,3 +25,14 @@ def load_dataset(name: str, *, val_split: float = 0.1, seed: int = 0, image_size
         keep, held = stratified_holdout(train.labels, val_split, seed)
         train, val = train.subset(keep), train.subset(held)
     return DatasetBundle(name, classes, train, test, val, source.allow_flip)
+
+
+def image_shape(name: str) -> tuple[int, int] | None:
+    """(channels, side) of a dataset's images, known without loading it; None when unknown (a folder
+    that is not there yet, a name that is not registered)."""
+    if name.startswith("folder:"):
+        return peek_shape(name[len("folder:"):])
+    try:
+        return get_source(name).shape
+    except CnnlabError:
+        return None

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import CnnlabError, InvalidSetting
 from ..images.spec import DEFAULT_TTA, TTA_MODES
-from .recipes import get_recipe
+from .recipes import DEFAULT_RECIPE, get_recipe, recipe_for
 
 BATCH = 256  # images per optimiser step, unless the training set is small
 MIN_BATCHES = 16  # a small training set's batch is halved until an epoch has this many steps...
@@ -41,7 +41,8 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, metava
 
 @dataclass
 class TrainConfig:
-    recipe: str = _opt("fast", "training preset (see `cnnlab recipes`); other settings override it")
+    recipe: str = _opt(DEFAULT_RECIPE, "training preset (see `cnnlab recipes`); other settings override it. Default: "
+                                       "cifar for 32x32 colour images (unless --model is given), else fast")
     # data
     dataset: str = _opt("fashion-mnist", "dataset name (see `cnnlab datasets`) or folder:PATH")
     split_folders: dict = _opt({}, "folder datasets: the sub-folder (or any folder) of each split, e.g. "
@@ -56,6 +57,8 @@ class TrainConfig:
     low_res: int | None = _opt(None, "progressive resizing: image side for the first --low-res-epochs epochs")
     low_res_epochs: int = _opt(0, "epochs trained at --low-res before switching to the full size")
     flip: str = _opt("auto", "random horizontal flips: auto = on unless the dataset is digits", ("auto", "on", "off"))
+    alternate_flip: bool = _opt(False, "flip each image on alternate epochs (at random in the first) instead of at "
+                                       "random every epoch: every image is seen both ways in every two epochs")
     # model
     model: str = _opt("fastnet", "architecture (see `cnnlab models`), tv:NAME for torchvision's, or your own as "
                                  "path/to/file.py:Name or package.module:Name (a class or factory)")
@@ -65,22 +68,32 @@ class TrainConfig:
     pretrained: bool = _opt(False, "start a torchvision model (tv:NAME) from its pretrained ImageNet weights")
     whiten: bool = _opt(False, "start the first convolution as whitening filters of the training images' patches, "
                                "frozen (faster early learning)")
+    whiten_bias_epochs: int = _opt(0, "with --whiten: train the whitened layer's bias for the first N epochs, then "
+                                      "freeze it")
     # optimisation
     epochs: int = _opt(4, "passes over the training set (more on a small training set, see --min-steps)")
     min_steps: int = _opt(0, "train at least this many optimiser steps: a small training set gets more epochs "
                              "(0 = exactly --epochs; giving --epochs sets it to 0)")
-    batch_size: int | None = _opt(None, f"images per optimiser step (default: {BATCH}, halved for a small training "
-                                        f"set until an epoch has {MIN_BATCHES} steps, down to {MIN_AUTO_BATCH})")
-    optimizer: str = _opt("sgd", "sgd (Nesterov momentum) or adamw", ("sgd", "adamw"))
+    batch_size: int | None = _opt(None, f"images per optimiser step (default: --base-batch, halved for a small "
+                                        f"training set until an epoch has {MIN_BATCHES} steps, down to "
+                                        f"{MIN_AUTO_BATCH})")
+    base_batch: int = _opt(BATCH, "the batch size a large training set gets when --batch-size is not given")
+    optimizer: str = _opt("sgd", "sgd (Nesterov momentum), adamw, or muon (orthogonalised updates for the "
+                                 "convolution filters, Nesterov SGD for the rest)", ("sgd", "adamw", "muon"))
     lr: float = _opt(0.2, f"peak learning rate, per 256 images (scaled linearly with batch size; "
                           f"adamw's default is {ADAMW_LR})")
     momentum: float = _opt(0.9, "SGD momentum / AdamW beta1")
     weight_decay: float = _opt(5e-4, "decoupled for AdamW, L2 for SGD; not applied to norms and biases")
+    bias_lr_scale: float = _opt(1.0, "learning-rate multiplier for batch-norm biases (their weight decay per step "
+                                     "stays the other weights')")
     warmup_epochs: float = _opt(0.5, "linear warm-up from lr/10 to the peak, in epochs")
-    schedule: str = _opt("linear", "decay after warm-up: linear to zero, cosine to zero, or constant",
+    schedule: str = _opt("linear", "decay after warm-up: linear or cosine to --lr-end, or constant",
                          ("linear", "cosine", "constant"))
+    lr_end: float = _opt(0.0, "the learning rate at the end of the decay, as a fraction of the peak")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss (0 = off)")
     ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights, per step (0 = off)")
+    lookahead_every: int = _opt(0, "every N steps, pull the weights towards a slow average of them, ever more "
+                                   "strongly, and end on the average (lookahead as in airbench; 0 = off)")
     keep: str = _opt("best", "the weights a run ends with: the best epoch's on the validation split (where there "
                              "is one apart from the test split), or the last", ("best", "last"))
     early_stop: int = _opt(0, "stop after N epochs without a better validation accuracy (0 = never)")
@@ -114,10 +127,13 @@ class TrainConfig:
         if self.low_res is not None:
             self._require("low_res", self.low_res >= 8, "must be at least 8 pixels")
         for name in ("checkpoint_every_steps", "translate_off_epochs", "low_res_epochs", "min_steps",
-                     "early_stop"):
+                     "early_stop", "whiten_bias_epochs", "lookahead_every"):
             self._require(name, getattr(self, name) >= 0, "must not be negative")
         self._require("val_split", 0 <= self.val_split < 1, "must be in [0, 1)")
         self._require("lr", self.lr > 0, "must be positive")
+        self._require("bias_lr_scale", self.bias_lr_scale > 0, "must be positive")
+        self._require("base_batch", self.base_batch >= 1, "must be at least 1")
+        self._require("lr_end", 0 <= self.lr_end <= 1, "must be in [0, 1]")
         for name in ("weight_decay", "warmup_epochs", "translate"):
             self._require(name, getattr(self, name) >= 0, "must not be negative")
         for name in ("label_smoothing", "ema_decay", "momentum"):
@@ -210,6 +226,8 @@ def make_config(config_file: str | Path | None = None, **overrides: Any) -> Trai
     """Defaults, then the recipe's settings, then the YAML file, then keyword overrides; validated."""
     given = load_yaml(config_file) if config_file is not None else {}
     given.update({_key(k): coerce(_key(k), v) for k, v in overrides.items()})
+    if "recipe" not in given and "model" not in given:
+        given["recipe"] = default_recipe(given.get("dataset", TrainConfig.dataset))
     settings = dict(get_recipe(given.get("recipe", TrainConfig.recipe)).settings)
     sgd_lr = settings.get("lr", TrainConfig.lr)
     model = given.get("model", settings.get("model", TrainConfig.model))
@@ -223,6 +241,13 @@ def make_config(config_file: str | Path | None = None, **overrides: Any) -> Trai
     if "epochs" in given and "min_steps" not in given:
         given["min_steps"] = 0  # the epochs asked for, exactly
     return TrainConfig(**{**settings, **given}).validate()
+
+
+def default_recipe(dataset: str) -> str:
+    """The recipe for a dataset when none is named (recipes.recipe_for), from a look at its images."""
+    from ..data.load import image_shape  # reads a few image headers: only when no recipe is named
+
+    return recipe_for(image_shape(dataset))
 
 
 def _is_own_model(name: str) -> bool:

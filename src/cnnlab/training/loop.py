@@ -16,6 +16,7 @@ from ..devices import autocast
 from ..errors import CnnlabError
 from ..images.spec import DEFAULT_TTA
 from ..images.tensors import tta_logits
+from .optim import Lookahead
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainingDiverged(CnnlabError):
 def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *,
                     bf16: bool, epoch: int, ema: torch.optim.swa_utils.AveragedModel | None = None,
+                    lookahead: Lookahead | None = None,
                     progress: bool = True, start: int = 0, totals: Totals | None = None,
                     after_step: Callable[[int, Totals], None] | None = None) -> EpochStats:
     """Train one pass over `loader` from batch `start` (non-zero when resuming), adding to
@@ -80,6 +82,8 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
+        if lookahead is not None:
+            lookahead.step()
         # running totals stay on the device: no synchronisation per step
         totals.loss += loss.detach() * len(labels)
         totals.correct += (logits.argmax(1) == labels).sum()

@@ -23,7 +23,8 @@ from ..data.batches import BatchLoader
 from ..devices import autocast
 from ..errors import CnnlabError, InvalidSetting
 from .config import TrainConfig
-from .setup import build_setup, make_optimizer
+from .optim import make_optimizer
+from .setup import build_setup
 from .trainer import default_run_dir
 
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum

@@ -24,9 +24,9 @@ from ..models.registry import check_model_name, check_rebuilds, create_model
 from ..models.source import is_import_path, resolve
 from ..models.whitening import whiten_first_conv
 from . import distributed
-from .config import BATCH, MIN_AUTO_BATCH, MIN_BATCHES, TrainConfig
+from .config import MIN_AUTO_BATCH, MIN_BATCHES, TrainConfig
+from .optim import LR_BATCH, Lookahead, ema_with_warmup, make_optimizer, make_schedule
 
-LR_BATCH = 256  # TrainConfig.lr is the rate per this many images; the optimiser's scales with the batch
 EVAL_BATCH = 1024  # images per forward pass when evaluating: no gradients, so larger is cheaper
 WHITEN_SAMPLE = 10_000  # training images whose patches give the whitening filters
 
@@ -51,7 +51,9 @@ class TrainingData:
         """The batches of `epoch` (1-based): low resolution first, the last epochs unshifted."""
         config = self.config
         if self.low_loader is not None and epoch <= config.low_res_epochs:
+            self.low_loader.epoch = epoch
             return self.low_loader
+        self.train_loader.epoch = epoch
         self.train_loader.translate = 0 if epoch > config.epochs - config.translate_off_epochs else config.translate
         return self.train_loader
 
@@ -69,6 +71,7 @@ class TrainingSetup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loss_fn: nn.Module
     ema: AveragedModel | None
+    lookahead: Lookahead | None
     source_sha256: str | None = None  # of the file defining a user's own model (config.model an import path)
     init_note: str | None = None  # where the starting weights came from, when not from scratch
 
@@ -120,7 +123,7 @@ def build_setup(config: TrainConfig, ctx: distributed.Context = distributed.SING
                                   in_channels=channels, class_names=data.bundle.class_names)
     model = model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     if config.whiten and not (config.init_from or config.pretrained):  # trained weights keep their first layer
-        whiten(model, data.bundle.train, data.normalize)
+        whiten(model, data.bundle.train, data.normalize, train_bias=config.whiten_bias_epochs > 0)
     net = distributed.wrap(model, ctx, device, config.sync_bn)
     model = net.module if ctx.active else model
     optimizer = make_optimizer(model, config)
@@ -128,8 +131,11 @@ def build_setup(config: TrainConfig, ctx: distributed.Context = distributed.SING
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     ema = None
     if config.ema_decay > 0:  # averages batch-norm buffers too, so the averaged model is usable as is
-        ema = AveragedModel(model, multi_avg_fn=_ema_with_warmup(config.ema_decay), use_buffers=True)
-    return TrainingSetup(config, ctx, device, bf16, data, model, net, optimizer, scheduler, loss_fn, ema,
+        ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(config.ema_decay), use_buffers=True)
+    lookahead = None
+    if config.lookahead_every:
+        lookahead = Lookahead(model, config.lookahead_every, config.epochs * len(data.train_loader))
+    return TrainingSetup(config, ctx, device, bf16, data, model, net, optimizer, scheduler, loss_fn, ema, lookahead,
                          source_sha256, init_note)
 
 
@@ -162,11 +168,11 @@ def choose_schedule(config: TrainConfig, train_images: int, world: int = 1) -> t
     warm-up keeps its share of the training."""
     batch, why = config.batch_size, []
     if batch is None:
-        batch = BATCH
+        batch = config.base_batch
         while batch > MIN_AUTO_BATCH and train_images < MIN_BATCHES * batch:
             batch //= 2
         batch = max(world, batch - batch % world)
-        if batch != BATCH:
+        if batch != config.base_batch:
             why.append(f"batch {batch} for {train_images:,} training images")
     steps = max(1, train_images // batch)  # the last partial batch is dropped
     epochs = config.epochs
@@ -186,7 +192,8 @@ def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normal
     those of a downscaled copy."""
     shard = dict(rank=ctx.rank, world=ctx.world)
     train_loader = BatchLoader(bundle.train, config.batch_size, normalize, shuffle=True, translate=config.translate,
-                               flip=flip, seed=config.seed, drop_last=True, **shard)
+                               flip=flip, alternate_flip=config.alternate_flip, seed=config.seed, drop_last=True,
+                               **shard)
     if not (config.low_res and config.low_res_epochs and config.low_res < min(bundle.image_size)):
         return train_loader, None
     # Early epochs on a downscaled copy cost (low/full)^2 of the compute, and the networks
@@ -194,7 +201,7 @@ def _train_loaders(config: TrainConfig, bundle: DatasetBundle, normalize: Normal
     low = Split(resize(bundle.train.images, (config.low_res, config.low_res)), bundle.train.labels)
     translate = max(1, config.translate * config.low_res // min(bundle.image_size)) if config.translate else 0
     low_loader = BatchLoader(low, config.batch_size, normalize, shuffle=True, translate=translate, flip=flip,
-                             drop_last=True, **shard)
+                             alternate_flip=config.alternate_flip, seed=config.seed, drop_last=True, **shard)
     low_loader.generator = train_loader.generator
     return train_loader, low_loader
 
@@ -207,53 +214,9 @@ def _eval_loader(split: Split, normalize: Normalize, ctx: distributed.Context) -
     return BatchLoader(split, EVAL_BATCH, normalize, shuffle=False)
 
 
-def whiten(model: nn.Module, split: Split, normalize: Normalize) -> None:
+def whiten(model: nn.Module, split: Split, normalize: Normalize, train_bias: bool = False) -> None:
     """config.whiten: the first layer from a fixed sample of the training images (so every
     process of a distributed run agrees), read a few MiB at a time."""
     sample, step = min(len(split), WHITEN_SAMPLE), max(1, 2 ** 16 // math.prod(split.images.shape[2:]))
-    whiten_first_conv(model, (normalize(split.images[i:min(i + step, sample)]) for i in range(0, sample, step)))
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """config.optimizer at `lr` (per LR_BATCH images; default config.lr), scaled to config.batch_size."""
-    # Norm weights and biases are not decayed: shrinking them only fights batch norm.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    lr = (config.lr if lr is None else lr) * config.batch_size / LR_BATCH
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(config.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step multiplier: linear warm-up from 1/10 of the peak, then linear/cosine decay to 0."""
-    total = max(1, config.epochs * steps_per_epoch)
-    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        if config.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if config.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return max(0.0, 1 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _ema_with_warmup(decay: float):
-    """EMA whose decay ramps up as (1 + n) / (10 + n) towards `decay`: without the ramp the
-    random initial weights linger in the average for hundreds of steps."""
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor | int) -> None:
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        pairs = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        if pairs:
-            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], 1 - d)
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():  # counters such as num_batches_tracked
-                a.copy_(c)
-    return update
+    whiten_first_conv(model, (normalize(split.images[i:min(i + step, sample)]) for i in range(0, sample, step)),
+                      train_bias=train_bias)

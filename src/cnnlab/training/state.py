@@ -20,7 +20,8 @@ from .setup import TrainingSetup
 
 # checkpoint.pt, key by key (the layout cnnlab 0.1.0 wrote, still read):
 _PROGRESS = ("epochs_done", "step", "train_seconds", "images_seen", "best_val", "loader")  # TrainingState's fields
-_OBJECTS = ("model", "optimizer", "scheduler", "ema")  # the setup's objects' state_dicts (ema: None without one)
+_OBJECTS = ("model", "optimizer", "scheduler", "ema", "lookahead")  # the setup's objects' state_dicts (None
+# where there is none)
 _PER_PROCESS = ("torch_rng", "totals")  # one value alone, a list by rank from a distributed run ("world" processes)
 
 
@@ -115,7 +116,7 @@ class TrainingState:
 
 
 def _objects(setup: TrainingSetup) -> dict[str, Any]:
-    return dict(zip(_OBJECTS, (setup.model, setup.optimizer, setup.scheduler, setup.ema)))
+    return dict(zip(_OBJECTS, (setup.model, setup.optimizer, setup.scheduler, setup.ema, setup.lookahead)))
 
 
 def _state_dict(obj: Any) -> dict[str, Any] | None:

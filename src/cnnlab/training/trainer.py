@@ -30,6 +30,7 @@ from ..rundir import RunDir
 from . import distributed
 from .config import TrainConfig, load_yaml, make_config, recipe_note
 from .loop import EpochStats, TrainingDiverged, predict_logits, train_one_epoch
+from .recipes import recipe_for
 from .setup import TrainingSetup, build_setup
 from .state import TrainingState
 from .tblog import TensorBoardLog, require_tensorboard
@@ -90,7 +91,7 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
 
     Started by torchrun (or `cnnlab train --nproc N`), each process trains its shard of every
     batch with DistributedDataParallel and rank 0 alone writes the run directory."""
-    checkpoint, instance = None, None
+    checkpoint, instance, given_config = None, None, config is not None
     if "model" in overrides and not isinstance(overrides["model"], str):
         given = overrides["model"]
         overrides["model"] = source_of(given).spec  # what later processes import
@@ -110,6 +111,9 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
     if data is not None:
         bundle = own_bundle(data, test_data, val_data, class_names, val_split=config.val_split, seed=config.seed,
                             progress=config.progress)
+        named = resume is not None or given_config or {"recipe", "model"} & set(overrides)
+        if not named and recipe_for((bundle.in_channels, max(bundle.image_size))) != config.recipe:
+            config = make_config(**overrides, recipe=recipe_for((bundle.in_channels, max(bundle.image_size))))
         config = dataclasses.replace(config, dataset=bundle.name)
     check_model_name(config.model)  # before joining other processes and minutes of data loading
     recorded = recorded_name(config.model)  # a file path made absolute; a user-registered model by its path
@@ -188,7 +192,7 @@ def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: 
         loader = data.loader_for(epoch)
         totals = state.resume_epoch(loader, setup.device)  # None unless resuming mid-epoch
         stats = train_one_epoch(setup.net, loader, setup.optimizer, setup.scheduler, setup.loss_fn,
-                                bf16=setup.bf16, epoch=epoch, ema=setup.ema, progress=setup.progress,
+                                bf16=setup.bf16, epoch=epoch, ema=setup.ema, lookahead=setup.lookahead, progress=setup.progress,
                                 start=state.step, totals=totals, after_step=state.mid_epoch_saver(run, setup, loader))
         stats = _over_all_processes(setup, stats)
         val_acc, val_loss = _validate(setup, data.val_loader, bf16=setup.bf16) if data.val_loader else (None, None)
