@@ -169,3 +169,37 @@ def test_airnet_shapes_and_dirac_start(size: int) -> None:
     centre = conv.weight[:64, :, 1, 1]
     assert torch.equal(centre, torch.eye(64)) and conv.weight[:64].sum() == 64
     assert not model.blocks[0].norm1.weight.requires_grad and model.blocks[0].norm1.momentum == pytest.approx(0.4)
+
+
+def _folder(root: Path, size: int, mode: str) -> Path:
+    from PIL import Image
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new(mode, (size, size), color=(i * 40, 0, 0) if mode == "RGB" else i * 40).save(root / label / f"{i}.png")
+    return root
+
+
+def test_the_default_recipe_follows_the_images(tmp_path: Path) -> None:
+    colour32 = _folder(tmp_path / "c32", 32, "RGB")
+    grey32 = _folder(tmp_path / "g32", 32, "L")
+    colour64 = _folder(tmp_path / "c64", 64, "RGB")
+    assert make_config(dataset="cifar10").recipe == "cifar"
+    assert make_config(dataset="cifar100").recipe == "cifar"
+    assert make_config(dataset="fashion-mnist").recipe == "fast"
+    assert make_config(dataset=f"folder:{colour32}").recipe == "cifar"
+    assert make_config(dataset=f"folder:{grey32}").recipe == "fast"
+    assert make_config(dataset=f"folder:{colour64}").recipe == "fast"
+    assert make_config(dataset=f"folder:{tmp_path / 'missing'}").recipe == "fast"
+    # a recipe or a model named by the user stands
+    assert make_config(dataset="cifar10", recipe="fast").recipe == "fast"
+    assert make_config(dataset="cifar10", model="fastnet").recipe == "fast"
+
+
+def test_arrays_of_32x32_colour_images_get_the_cifar_recipe(tmp_path: Path) -> None:
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    run = cnnlab.train(data=(images, torch.arange(64) % 2), epochs=1, min_steps=0, batch_size=32,
+                       model_args={"widths": [8, 8, 8]}, out=str(tmp_path / "run"), progress=False)
+    import yaml
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["recipe"] == "cifar" and config["model"] == "airnet" and config["alternate_flip"] is True

@@ -25,10 +25,12 @@ from cnnlab.errors import CnnlabError
 from cnnlab.rundir import RunDir
 
 # 2 epochs of 32 batches (about 4 s), a checkpoint every 5 batches; one thread, so both runs
-# sum in the same order
+# sum in the same order. The airbench levers whose state spans steps (lookahead's average, the
+# alternating flips' epoch, the batch-norm biases' own group) are on.
 TRAIN_FLAGS = ["--dataset", "fashion-mnist", "--limit-train", "8192", "--epochs", "2", "--batch-size", "256",
                "--model-arg", "widths=[16,32,64]", "--checkpoint-every-steps", "5", "--threads", "1",
-               "--tta", "flip", "--translate", "1", "--no-progress"]
+               "--tta", "flip", "--translate", "1", "--alternate-flip", "--lookahead-every", "3",
+               "--bias-lr-scale", "4", "--lr-end", "0.1", "--no-progress"]
 
 
 def cnnlab_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
