@@ -350,11 +350,12 @@ def main(argv: list[str] | None = None) -> int:
             bench_predict(ns.run_dir, ns.images, ns.batch_size)
         return 0
     if ns.command == "own-data":
-        from benchmarks.own_data import run, table
+        from benchmarks.own_data import run as run_own_data
+        from benchmarks.own_data import table as own_data_table
 
         print(f"machine: {machine()}", flush=True)
-        results = run(ns.cifar, ns.torchvision, ns.workdir)
-        print(table(results))
+        results = run_own_data(ns.cifar, ns.torchvision, ns.workdir)
+        print(own_data_table(results))
         for r in results:
             print(f"{r['name']}: {r.get('command', '')}\n    {r.get('schedule', '')}")
         return 0

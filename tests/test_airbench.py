@@ -136,7 +136,7 @@ def test_muon_trains_the_filters_at_a_fixed_norm() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    config = make_config(recipe="none", optimizer="muon", batch_size=64)
+    config = make_config(recipe="none", optimizer="muon", batch_size=2000)  # Muon's own rate: MUON_LR
     optimizer = make_optimizer(model, config)
     assert isinstance(optimizer, Muon)
     muon = next(g for g in optimizer.param_groups if g.get("muon"))
