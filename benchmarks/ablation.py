@@ -16,7 +16,7 @@ from typing import Any
 # training: the whole recipe's model is scored again without it.
 TRICKS: list[tuple[str, list[str]]] = [
     ("without whitening (stem trained from random)", ["--no-whiten", "--whiten-bias-epochs", "0"]),
-    ("without dirac init", ["--model-arg", "dirac=false"]),
+    ("without dirac init", ["--model-arg", "dirac=false"]),  # with the recipe's own model_args, see _flags
     ("without the 64x batch-norm-bias rate", ["--bias-lr-scale", "1"]),
     ("without lookahead", ["--lookahead-every", "0"]),
     ("without alternating flip (random flips)", ["--no-alternate-flip"]),
@@ -75,9 +75,24 @@ def _train(dataset: str, recipe: str, out: Path, flags: list[str]) -> dict[str, 
 
 
 def _evaluate(run: Path, tta: str) -> float:
-    proc = subprocess.run([sys.executable, "-m", "cnnlab", "evaluate", str(run), "--tta", tta, "--format", "json",
-                           "--no-progress"], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)["accuracy"]
+    """The run's test accuracy with another test-time augmentation (`cnnlab evaluate` has none to choose)."""
+    from cnnlab.evaluation.evaluate import score_split
+    from cnnlab.models.classifier import Classifier
+
+    classifier = Classifier.load(run)
+    classifier.tta = tta
+    return score_split(run, classifier, progress=False).report["accuracy"]
+
+
+def _flags(recipe: str, flags: list[str]) -> list[str]:
+    """`flags`, with the recipe's own model_args first where a --model-arg is given: --model-arg
+    replaces the recipe's model_args rather than adding to them."""
+    if "--model-arg" not in flags:
+        return flags
+    from cnnlab.training.recipes import get_recipe
+
+    own = get_recipe(recipe).settings.get("model_args", {})
+    return [x for k, v in own.items() for x in ("--model-arg", f"{k}={json.dumps(v)}")] + flags
 
 
 def _reached(records: list[dict], threshold: float) -> str:
@@ -98,7 +113,7 @@ def run(dataset: str, recipe: str, thresholds: tuple[float, ...], workdir: Path,
     whole_run = None
     for name, flags in variants:
         out = workdir / f"run{len(rows)}"
-        result = _train(dataset, recipe, out, flags)
+        result = _train(dataset, recipe, out, _flags(recipe, flags))
         if "error" in result:
             rows.append(f"| {name} | failed: {result['error']} |")
         else:
