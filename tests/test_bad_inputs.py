@@ -236,7 +236,7 @@ TRAIN_ERRORS = [
     (["--model-arg", "oops"], "KEY=VALUE"),
     (["--model-arg", "=3"], "KEY=VALUE"),
     (["--model-arg", "widths=[8, 16"], "cannot read the value"),
-    (["--model-arg", "widths=[-8]"], "Bad arguments for model 'fastnet'"),
+    (["--model-arg", "widths=[-8]"], "Bad arguments for model 'airnet'"),  # 32x32 colour: the cifar recipe's airnet
     (["--model-arg", "depth=3"], "unexpected keyword argument 'depth'"),
     (["--model-arg", "dropout=2"], "dropout"),
     (["--no-such-flag"], "--no-such-flag"),

@@ -37,14 +37,16 @@ def _param_groups(model: nn.Module, config: TrainConfig, lr: float) -> list[dict
     """Weights decayed; norm weights and other biases not (shrinking them only fights batch norm).
     Batch-norm biases at lr * bias_lr_scale, decayed as much per step as the weights when scaled
     (airbench's setting: a 64x rate saved 4.5 of its 18 epochs to 94%)."""
-    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    # frozen parameters (a whitened layer's filters) stay in their group, as they always have:
+    # they get no gradient, so no step, and checkpoints keep their group sizes
+    every = list(model.parameters())
     norm_biases = [m.bias for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
                    and m.bias is not None and m.bias.requires_grad] if config.bias_lr_scale != 1 else []
     conv = first_conv(model)
     whiten_bias = [conv.bias] if (config.whiten and config.whiten_bias_epochs and conv is not None
                                   and conv.bias is not None and conv.bias.requires_grad) else []
     special = {id(p) for p in norm_biases + whiten_bias}
-    rest = [p for p in trainable.values() if id(p) not in special]
+    rest = [p for p in every if id(p) not in special]
     filters = [p for p in rest if p.ndim == 4] if config.optimizer == "muon" else []
     decay = [p for p in rest if p.ndim > 1 and not (filters and p.ndim == 4)]
     muon_lr = MUON_LR * config.batch_size / MUON_BATCH

@@ -98,12 +98,12 @@ _AIRBENCH = dict(_COMMON, model="airnet", whiten=True, whiten_bias_epochs=3, bas
 
 register_recipe(Recipe(
     "cifar",
-    "colour photos like CIFAR-10 (32x32): airbench's training at half width, about 5 minutes on a 2-core CPU",
+    "colour photos like CIFAR-10 (32x32): airbench's training at half width, about 7 minutes on a 2-core CPU",
     dict(_AIRBENCH, model_args={"widths": [64, 128, 128]}, epochs=8, warmup_epochs=1.84),
 ))
 
 register_recipe(Recipe(
     "cifar-best",
-    "colour photos like CIFAR-10: airbench94 itself, about 15 minutes on a 2-core CPU",
+    "colour photos like CIFAR-10: airbench94's network and training, about 12 minutes on a 2-core CPU",
     dict(_AIRBENCH, model_args={"widths": [64, 256, 256]}, epochs=8, warmup_epochs=1.84),
 ))
