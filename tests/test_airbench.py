@@ -202,3 +202,11 @@ def test_arrays_of_32x32_colour_images_get_the_cifar_recipe(tmp_path: Path) -> N
     import yaml
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["recipe"] == "cifar" and config["model"] == "airnet" and config["alternate_flip"] is True
+
+
+def test_the_cifar_recipe_keeps_airnets_own_settings_to_airnet() -> None:
+    other = make_config(recipe="cifar", model="fastnet")
+    assert other.bias_lr_scale == 1.0 and not other.whiten and other.whiten_bias_epochs == 0
+    assert other.model_args == {}
+    own = make_config(recipe="cifar")
+    assert own.bias_lr_scale == 64.0 and own.whiten and own.whiten_bias_epochs == 3

@@ -23,9 +23,10 @@ BATCH = 256  # images per optimiser step, unless the training set is small
 MIN_BATCHES = 16  # a small training set's batch is halved until an epoch has this many steps...
 MIN_AUTO_BATCH = 32  # ...down to this
 ADAMW_LR = 0.002  # per 256 images: AdamW's usual 1e-3 at batch 128; SGD's 0.2 makes it diverge
-# The recipe settings that belong to its own network: its architecture arguments and its
-# whitened first layer (which rewrites the first convolution). Another model never gets them.
-OWN_MODEL_SETTINGS = ("model_args", "whiten")
+# The recipe settings that belong to its own network: its architecture arguments, its whitened
+# first layer (which rewrites the first convolution) and that layer's trained bias, and the
+# batch-norm-bias rate tuned for airnet's scale-free norms. Another model never gets them.
+OWN_MODEL_SETTINGS = ("model_args", "whiten", "whiten_bias_epochs", "bias_lr_scale")
 # For networks cnnlab's recipes were not tuned on (tv:NAME, your own), AdamW at ADAMW_LR
 # instead of the recipe's SGD rate: robust across architectures, with or without batch norm.
 FOREIGN_MODEL_SETTINGS = {"optimizer": "adamw", "lr": ADAMW_LR}
