@@ -112,8 +112,9 @@ def train(config: TrainConfig | None = None, /, *, resume: str | Path | None = N
         bundle = own_bundle(data, test_data, val_data, class_names, val_split=config.val_split, seed=config.seed,
                             progress=config.progress)
         named = resume is not None or given_config or {"recipe", "model"} & set(overrides)
-        if not named and recipe_for((bundle.in_channels, max(bundle.image_size))) != config.recipe:
-            config = make_config(**overrides, recipe=recipe_for((bundle.in_channels, max(bundle.image_size))))
+        suited = recipe_for((bundle.in_channels, max(bundle.image_size)))
+        if not named and suited != config.recipe:
+            config = make_config(**overrides, recipe=suited)
         config = dataclasses.replace(config, dataset=bundle.name)
     check_model_name(config.model)  # before joining other processes and minutes of data loading
     recorded = recorded_name(config.model)  # a file path made absolute; a user-registered model by its path
