@@ -37,7 +37,7 @@ def test_event_files_hold_the_metrics_of_every_epoch(tmp_path: Path) -> None:
 
 def test_missing_tensorboard_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now raises ImportError
-    with pytest.raises(CnnlabError, match="pip install tensorboard"):
+    with pytest.raises(CnnlabError, match="cnnlab\\[tensorboard\\]"):
         cnnlab.train(**TINY, tensorboard=True, out=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 

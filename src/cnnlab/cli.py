@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from . import __version__
-from .errors import CnnlabError, InvalidSetting
+from .errors import CnnlabError, InvalidSetting, missing_extra
 from .images.spec import TTA_MODES
 from .training.config import TrainConfig, default_settings, field_types, load_yaml, make_config
 
@@ -230,16 +230,20 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     serve(ns.run_dir, host=ns.host, port=ns.port, max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms,
           api_key=ns.api_key, top_k=ns.top_k, max_bytes=ns.max_bytes, max_pixels=ns.max_pixels,
-          access_log=ns.access_log)
+          max_queue=ns.max_queue, device=ns.device, shutdown_timeout=ns.shutdown_timeout, access_log=ns.access_log)
     return 0
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
     from .deploy.export import export_model
 
-    result = export_model(ns.run_dir, ns.format, ns.out)
+    result = export_model(ns.run_dir, ns.format, ns.out, preprocessing=ns.with_preprocessing, layout=ns.layout,
+                          triton=ns.triton)
+    what = "probability" if ns.with_preprocessing else "logit"
     print(f"wrote {result.path} ({result.fmt}); checked on {result.images_checked} {result.checked_on}: "
-          f"max |logit difference| {result.max_abs_diff:.2e} <= {result.tolerance:.0e}")
+          f"max |{what} difference| {result.max_abs_diff:.2e} <= {result.tolerance:.0e}")
+    if ns.triton:
+        print(f"wrote a Triton model repository in {ns.triton}")
     return 0
 
 
@@ -322,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted upload per image (default: 10,000,000)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, metavar="PIXELS",
                    help="largest accepted image area, checked before decoding (default: 40,000,000)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="classification requests in progress beyond which new ones are refused with 503 and "
+                   "Retry-After, so overload sheds requests instead of growing latency and memory (default: 256)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs (default: cpu)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, the longest wait for requests in progress to be answered (default: 30)")
     p.add_argument("--access-log", action="store_true", help="log one line per request")
     p.set_defaults(func=cmd_serve)
 
@@ -330,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: onnx)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="output file (default: RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt)")
+    p.add_argument("--with-preprocessing", action="store_true",
+                   help="ONNX: a self-contained graph: uint8 images at the model's size in, normalisation and the "
+                   "model's test-time augmentation inside, probabilities out (default: the plain network, "
+                   "normalised float input, logits out)")
+    p.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc",
+                   help="--with-preprocessing: the input's layout; OpenCV and PIL arrays are nhwc (default: nhwc)")
+    p.add_argument("--triton", default=None, metavar="DIR",
+                   help="also write a Triton model repository to DIR: NAME/1/model.onnx, config.pbtxt with "
+                   "dynamic batching, labels.txt")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("datasets", help="list datasets and where each was found; `datasets show NAME` draws samples, "
@@ -397,6 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CnnlabError as exc:
         rank = int(os.environ.get("RANK", "0"))  # each process of a distributed run names itself
         print(f"cnnlab: error{f' (process {rank})' if rank else ''}: {_in_flags(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as exc:  # an optional extra that is not installed: say which; anything else is a bug
+        error = missing_extra(exc)
+        if error is None:
+            raise
+        print(f"cnnlab: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)

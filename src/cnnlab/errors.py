@@ -26,3 +26,27 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (torch's can run to dozens), or its type's name."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+# The extra (`pip install 'cnnlab[EXTRA]'`) that brings each optional module; pyproject.toml lists them.
+EXTRAS = {
+    **dict.fromkeys(("fastapi", "uvicorn", "starlette", "pydantic", "multipart", "python_multipart",
+                     "prometheus_client", "fastapi_offline"), "serve"),
+    **dict.fromkeys(("onnx", "onnxruntime", "onnxscript"), "export"),
+    "matplotlib": "report",
+    "tensorboard": "tensorboard",
+}
+
+
+class MissingExtra(CnnlabError):
+    """A command needs a package from one of cnnlab's optional extras that is not installed."""
+
+
+def missing_extra(exc: ImportError) -> MissingExtra | None:
+    """The one-line error for an ImportError of an optional module; None for any other import error."""
+    module = (getattr(exc, "name", None) or "").partition(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return None
+    return MissingExtra(f"This command needs the {module} package, which is not installed: "
+                        f"pip install 'cnnlab[{extra}]' (or 'cnnlab[all]').")

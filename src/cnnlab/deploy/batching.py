@@ -31,13 +31,14 @@ class MicroBatcher:
     """Run `forward` (uint8 (N, C, H, W) -> (N, ...) outputs) on batches gathered from `submit` calls."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 64,
-                 max_wait_ms: float = 5.0):
+                 max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None):
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
         self.forward = forward
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000  # seconds
         self.stats = BatchStats()
+        self.on_batch = on_batch  # called with each forward pass's image count (metrics)
         self.on_the_way = 0  # requests announced with coming() that have not submitted yet
         self._queue: asyncio.Queue[Item] | None = None
         self._collector: asyncio.Task[None] | None = None
@@ -57,6 +58,11 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._queue = self._collector = self._executor = None
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for a forward pass."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     @contextmanager
     def coming(self) -> Iterator[None]:
@@ -120,6 +126,8 @@ class MicroBatcher:
         self.stats.forward_passes += 1
         self.stats.images += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         for (_, future), output in zip(batch, outputs):
             if not future.done():
                 future.set_result(output)

@@ -2,7 +2,8 @@
 
 It needs only onnxruntime, numpy and Pillow, never PyTorch: the model card travels in the model's
 metadata, and decoding, fitting, normalisation and test-time augmentation are images.arrays', the
-numpy twin of what the torch classifier does.
+numpy twin of what the torch classifier does. A self-contained export (`--with-preprocessing`:
+uint8 in, probabilities out) does its normalisation and test-time augmentation in the graph.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ class OnnxClassifier:
         mean, std = np.asarray(card.mean, np.float32), np.asarray(card.std, np.float32)
         self._scale = (np.float32(1) / (np.float32(255) * std)).reshape(1, -1, 1, 1)
         self._shift = (mean / std).reshape(1, -1, 1, 1)
-        self._input = session.get_inputs()[0].name
+        graph_input = session.get_inputs()[0]
+        self._input = graph_input.name
+        # a self-contained graph takes uint8 images, (N, H, W, C) or (N, C, H, W), and answers probabilities
+        self.self_contained = graph_input.type == "tensor(uint8)"
+        self._nhwc = self.self_contained and list(graph_input.shape[1:]) == [*card.image_size, card.in_channels]
 
     @classmethod
     def load(cls, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -64,8 +69,11 @@ class OnnxClassifier:
         return cls(session, ModelCard.from_properties(session.get_modelmeta().custom_metadata_map, str(path)))
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (N, C, H, W) of any size and channel count -> the normalised float32 input of the model."""
+        """uint8 (N, C, H, W) of any size and channel count -> the normalised float32 input of the model
+        (of a self-contained graph: the uint8 images at the model's size, in its layout)."""
         batch = fit(_check_batch(batch), self.in_channels, self.image_size)
+        if self.self_contained:
+            return np.ascontiguousarray(batch.transpose(0, 2, 3, 1) if self._nhwc else batch)
         return batch.astype(np.float32) * self._scale - self._shift
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -73,7 +81,15 @@ class OnnxClassifier:
         return self.session.run(None, {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a uint8 batch (N, C, H, W), with the test-time augmentation the model records."""
+        """Logits for a uint8 batch (N, C, H, W), with the test-time augmentation the model records
+        (of a self-contained graph: log-probabilities, which softmax maps back to its probabilities)."""
+        if self.self_contained:
+            if self.tta != self.card.tta:
+                raise CnnlabError(f"This model.onnx has its test-time augmentation ({self.card.tta}) built in; "
+                                  f"for {self.tta}, export the plain graph (cnnlab export without "
+                                  "--with-preprocessing).")
+            probabilities = self.session.run(None, {self._input: self.prepare(batch)})[0]
+            return np.log(np.maximum(probabilities, np.finfo(np.float32).tiny))
         return tta_logits(self.forward, self.prepare(batch), self.tta, self.card.tta_flip)
 
     def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 1) -> list[list[Prediction]]:

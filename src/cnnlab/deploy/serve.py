@@ -1,4 +1,5 @@
-"""`cnnlab serve`: a trained model over HTTP: a JSON API, a web page at /, OpenAPI docs at /docs.
+"""`cnnlab serve`: a trained model over HTTP: cnnlab's JSON API (/v1), the Open Inference
+Protocol (/v2), Prometheus metrics (/metrics), a web page at /, OpenAPI docs at /docs (offline).
 
 `create_app` loads the model once and builds the FastAPI application; `serve` runs it with
 uvicorn. Concurrent requests share forward passes through `MicroBatcher`.
@@ -10,18 +11,19 @@ import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator
 
-import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -29,24 +31,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
+from ..devices import resolve_device
 from ..errors import CnnlabError, InvalidSetting
-from ..images.spec import TTA_MODES
-from ..models.classifier import Classifier
-from ..models.registry import count_parameters
-from ..rundir import RunDir
-from .batching import MicroBatcher
-from .uploads import (
-    FORMATS,
-    MAX_IMAGES,
-    ApiError,
-    PredictJSON,
-    Upload,
-    body_limit,
-    describe,
-    describe_errors,
-    load_upload,
-    read_uploads,
-)
+from . import oip
+from .metrics import MetricsMiddleware
+from .service import ModelInfo, ModelService, Stats
+from .uploads import FORMATS, MAX_IMAGES, ApiError, PredictJSON, body_limit, describe_errors, read_uploads
 
 API_KEY_ENV = "CNNLAB_API_KEY"
 log = logging.getLogger("cnnlab.serve")
@@ -70,95 +60,12 @@ class PredictResponse(BaseModel):
     predictions: list[ImagePrediction] = Field(description="one entry per image, in the order sent")
 
 
-class ModelInfo(BaseModel):
-    name: str = Field(description="name of the run directory")
-    architecture: str
-    model_args: dict[str, Any]
-    parameters: int = Field(description="number of weights")
-    num_classes: int
-    class_names: list[str]
-    in_channels: int
-    image_size: list[int] = Field(description="input height and width; images of any size are resized to it")
-    mean: list[float] = Field(description="per-channel mean used to normalise inputs (0-1 scale)")
-    std: list[float] = Field(description="per-channel standard deviation used to normalise inputs")
-    tta: str = Field(description=f"test-time augmentation: one of {', '.join(TTA_MODES)}")
-    dataset: str | None = Field(description="the training dataset")
-    test_accuracy: float | None = Field(description="top-1 accuracy on the test split, from summary.json")
-    train_seconds: float | None = Field(description="training time, from summary.json")
-    weights_sha256: str
-
-
-class Stats(BaseModel):
-    requests: int = Field(description="POST /v1/predict requests answered with predictions")
-    images: int = Field(description="images classified")
-    forward_passes: int = Field(description="model forward passes run; fewer than images when batching helps")
-    largest_batch: int
-    max_batch: int
-    max_wait_ms: float
-
-
 class Health(BaseModel):
     status: str
 
 
 class ErrorBody(BaseModel):
     error: str = Field(description="one sentence saying what was wrong")
-
-
-# --- the model behind the API ------------------------------------------------------------------------
-
-class ModelService:
-    """The loaded model and what requests need from it: limits, the micro-batcher, the model card."""
-
-    def __init__(self, run_dir: str | Path, *, max_batch: int, max_wait_ms: float, top_k: int, max_bytes: int,
-                 max_pixels: int, device: str):
-        self.classifier = Classifier.load(run_dir, device)
-        self.info = model_info(Path(run_dir), self.classifier)
-        self.batcher = MicroBatcher(self._probabilities, max_batch, max_wait_ms)
-        self.top_k, self.max_bytes, self.max_pixels = top_k, max_bytes, max_pixels
-        self.requests = 0
-
-    def _probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier.logits_of_fitted(images), dim=1).cpu()
-
-    def _prepare(self, uploads: list[Upload]) -> list[torch.Tensor]:
-        """Check and decode each upload, fitted to the model's input size (runs in a worker thread)."""
-        return [self.classifier.fit(load_upload(upload.data, describe(upload.filename, i), self.max_bytes,
-                                                self.max_pixels)) for i, upload in enumerate(uploads, 1)]
-
-    async def predict(self, request: Request, top_k: int | None = None) -> PredictResponse:
-        """Read, check and decode the request's images, then classify them in a shared batch;
-        a JSON body's top_k takes precedence over the query's."""
-        with self.batcher.coming():  # batches being gathered wait for this request's images
-            uploads, body_top_k = await read_uploads(request, self.max_bytes)
-            images = await run_in_threadpool(self._prepare, uploads)
-        outputs = await self.batcher.submit(images)
-        self.requests += 1
-        k = min(body_top_k or top_k or self.top_k, self.info.num_classes)
-        return PredictResponse(model=self.info.name, predictions=[
-            ImagePrediction(filename=upload.filename, predictions=self._top(probs, k))
-            for upload, probs in zip(uploads, outputs)])
-
-    def _top(self, probs: torch.Tensor, k: int) -> list[ClassScore]:
-        values, indices = probs.topk(k)
-        return [ClassScore(label=self.classifier.class_names[i], probability=p, index=i)
-                for p, i in zip(values.tolist(), indices.tolist())]
-
-    def stats(self) -> Stats:
-        s = self.batcher.stats
-        return Stats(requests=self.requests, images=s.images, forward_passes=s.forward_passes,
-                     largest_batch=s.largest_batch, max_batch=self.batcher.max_batch,
-                     max_wait_ms=self.batcher.max_wait * 1000)
-
-
-def model_info(run_dir: Path, classifier: Classifier) -> ModelInfo:
-    """What /v1/model reports: the model card plus the training results in summary.json."""
-    card, summary = classifier.card, RunDir(run_dir).read_summary()
-    return ModelInfo(
-        **{key: value for key, value in card.to_json().items() if key in ModelInfo.model_fields and key != "dataset"},
-        name=run_dir.resolve().name, parameters=count_parameters(classifier.model),
-        dataset=summary.get("dataset", card.dataset), test_accuracy=summary.get("test_accuracy"),
-        train_seconds=summary.get("train_seconds"))
 
 
 # --- API key -------------------------------------------------------------------------------------------
@@ -189,6 +96,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "request body, image file or image area over the limits"},
     415: {"model": ErrorBody, "description": "not an image in a supported format, or an unsupported Content-Type"},
     422: {"model": ErrorBody, "description": "no images, bad base64, bad JSON or a bad parameter"},
+    503: {"model": ErrorBody, "description": "--max-queue requests are in progress: retry after the Retry-After "
+                                             "header's seconds"},
 }
 PREDICT_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {"files": {
@@ -216,15 +125,33 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
+@pages.get("/metrics", tags=["service"], summary="Prometheus metrics (never needs an API key)")
+def metrics(service: Service) -> Response:
+    return service.metrics.render()
+
+
 @api.post("/predict", tags=["model"], summary="Classify one or more images",
-          openapi_extra={"requestBody": PREDICT_BODY}, responses={k: ERRORS[k] for k in (413, 415, 422)})
+          openapi_extra={"requestBody": PREDICT_BODY}, responses={k: ERRORS[k] for k in (413, 415, 422, 503)})
 async def predict(request: Request, service: Service,
                   top_k: Annotated[int | None, Query(ge=1, description="classes per image (default: the server's "
                                                      "--top-k); a JSON body's top_k takes precedence")] = None,
                   ) -> PredictResponse:
     """Send image files as multipart/form-data (field `files`, repeated for several images) or JSON
     `{"images": ["<base64>", ...], "top_k": 3}`. Each image gets its top-k classes, most probable first."""
-    return await service.predict(request, top_k)
+    with service.admit(), service.batcher.coming():  # batches being gathered wait for this request's images
+        uploads, body_top_k = await read_uploads(request, service.max_bytes)
+        images = await run_in_threadpool(service.prepare, uploads)
+    outputs = await service.classify(images)
+    k = min(body_top_k or top_k or service.top_k, service.info.num_classes)
+    return PredictResponse(model=service.info.name, predictions=[
+        ImagePrediction(filename=upload.filename, predictions=_top(service, probs, k))
+        for upload, probs in zip(uploads, outputs)])
+
+
+def _top(service: ModelService, probs: Any, k: int) -> list[ClassScore]:
+    values, indices = probs.topk(k)
+    return [ClassScore(label=service.classifier.class_names[i], probability=p, index=i)
+            for p, i in zip(values.tolist(), indices.tolist())]
 
 
 @api.get("/model", tags=["model"], summary="The model card: architecture, classes, preprocessing, test accuracy")
@@ -244,7 +171,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+    return _error(exc.status, exc.message, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers)
 
 
 async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -284,28 +211,39 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 # --- the application -----------------------------------------------------------------------------------
 
+MAX_QUEUE = 256  # requests in progress before 503s: 16x the 16 clients that saturate 2 cores (cli.py shows it)
+
+
 def create_app(run_dir: str | Path, *, max_batch: int = 64, max_wait_ms: float = 5.0, api_key: str | None = None,
                top_k: int = 5, max_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
-               device: str = "cpu") -> FastAPI:
+               max_queue: int = MAX_QUEUE, device: str = "cpu") -> FastAPI:
     """The FastAPI application serving the model in `run_dir` (loaded now: a bad run directory is a
-    CnnlabError here, before any server starts). api_key None means $CNNLAB_API_KEY, if set."""
+    CnnlabError here, before any server starts). api_key None means $CNNLAB_API_KEY, if set.
+    max_queue: classification requests in progress (being read, decoded, waiting or computed) beyond
+    which new ones get 503 with Retry-After."""
     _check_settings(max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, max_bytes=max_bytes,
-                    max_pixels=max_pixels)
+                    max_pixels=max_pixels, max_queue=max_queue)
     service = ModelService(run_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k,
-                           max_bytes=max_bytes, max_pixels=max_pixels, device=device)
+                           max_bytes=max_bytes, max_pixels=max_pixels, max_queue=max_queue,
+                           device=str(resolve_device(device)))
     key = (api_key if api_key is not None else os.environ.get(API_KEY_ENV)) or None
     limit = body_limit(max_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.batcher.start()
+        service.accepting = True
         yield
+        service.accepting = False
         await service.batcher.stop()
 
-    app = FastAPI(title=f"cnnlab: {service.info.name}", version=__version__, lifespan=lifespan,
-                  description=f"A {service.info.architecture} image classifier ({service.info.num_classes} classes). "
-                              f"Up to {MAX_IMAGES} images per request, each at most {max_bytes:,} bytes and "
-                              f"{max_pixels:,} pixels. Errors are JSON: {{\"error\": \"...\"}}.")
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the app itself,
+    # not from a CDN, so the docs render on a machine without internet
+    app = FastAPIOffline(title=f"cnnlab: {service.info.name}", version=__version__, lifespan=lifespan,
+                         description=f"A {service.info.architecture} image classifier ({service.info.num_classes} "
+                                     f"classes). Up to {MAX_IMAGES} images per request, each at most {max_bytes:,} "
+                                     f"bytes and {max_pixels:,} pixels. Errors are JSON: {{\"error\": \"...\"}}. "
+                                     f"The Open Inference Protocol v2 serves it as model {service.info.name!r}.")
     app.state.service, app.state.api_key, app.state.body_limit = service, key, limit
     app.state.page = _read_page()
     app.add_exception_handler(ApiError, _on_api_error)
@@ -313,8 +251,11 @@ def create_app(run_dir: str | Path, *, max_batch: int = 64, max_wait_ms: float =
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(ContentLengthLimit, limit=limit)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: it sees every answer
     app.include_router(pages)
-    app.include_router(api, dependencies=[Depends(require_api_key)] if key else [], max_body_size=limit)
+    guard = [Depends(require_api_key)] if key else []
+    app.include_router(api, dependencies=guard, max_body_size=limit)
+    app.include_router(oip.router, dependencies=guard, max_body_size=limit, responses={401: ERRORS[401]})
     return app
 
 
@@ -334,9 +275,11 @@ def _read_page() -> str:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
-          **options: Any) -> None:
+          shutdown_timeout: float = 30.0, **options: Any) -> None:
     """Serve the model in `run_dir` at http://host:port/ until interrupted; options as for `create_app`.
-    access_log: one log line per request (off by default: at hundreds of requests/s it costs CPU)."""
+    access_log: one log line per request (off by default: at hundreds of requests/s it costs CPU).
+    SIGTERM (what Kubernetes, systemd and Docker send) stops it gracefully: no new connections,
+    requests in progress answered (for at most shutdown_timeout seconds), then a normal return."""
     app = create_app(run_dir, **options)
     sock = _listen(host, port)
     address, bound_port = sock.getsockname()[:2]
@@ -346,7 +289,19 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, access
           f"(API docs at {url}docs{'; API key required' if app.state.api_key else ''})", flush=True)
     if not ipaddress.ip_address(address).is_loopback and not app.state.api_key:
         print(f"cnnlab: warning: {host} is reachable from other machines and no API key is set", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=access_log)).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=access_log,
+                                           timeout_graceful_shutdown=shutdown_timeout))
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler that was
+    # in place before it: this one notes it, so a requested stop ends with exit status 0, not 143
+    stopped: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        stats = app.state.service.stats()
+        print(f"cnnlab: stopped on SIGTERM after answering {stats.requests:,} requests", flush=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:

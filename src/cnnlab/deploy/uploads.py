@@ -33,10 +33,11 @@ EMPTY_BODY = ("The request has no images: send files in the multipart/form-data 
 class ApiError(Exception):
     """A request the server refuses: the HTTP status and one sentence saying why."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 class Upload(NamedTuple):

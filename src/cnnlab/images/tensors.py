@@ -143,4 +143,4 @@ def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         image = x if not (view.dy or view.dx) else padded[..., 1 + view.dy:1 + view.dy + h, 1 + view.dx:1 + view.dx + w]
         batch.append(image.flip(3) if view.mirrored else image)
     out = forward(torch.cat(batch).contiguous(memory_format=torch.channels_last))
-    return out.float().view(len(views), len(x), -1).mean(0)
+    return out.float().unflatten(0, (len(views), -1)).mean(0)  # unflatten: the batch axis stays symbolic in an export

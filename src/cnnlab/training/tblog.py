@@ -27,7 +27,7 @@ def require_tensorboard() -> None:
     try:
         importlib.import_module("tensorboard")
     except ImportError:
-        raise InvalidSetting("tensorboard", "needs the tensorboard package: pip install tensorboard.") from None
+        raise InvalidSetting("tensorboard", "needs the tensorboard package: pip install 'cnnlab[tensorboard]'.") from None
 
 
 class TensorBoardLog:
