@@ -11,7 +11,7 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-image
 DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: demo test bench install data browser clean
+.PHONY: demo test wheel-check bench install data browser clean
 
 demo: install data
 	$(BIN)/cnnlab train --recipe fast --out $(DEMO_RUN)
@@ -26,6 +26,11 @@ TEST_WORKERS ?= 2
 
 test: install data browser
 	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The wheel in a clean virtualenv without extras: train/evaluate/predict work, serve/export/report
+# name their extra (.ci/wheel-check; CI runs it after the tests).
+wheel-check: install data
+	PYTHON=$(PYTHON) .ci/wheel-check
 
 # Benchmarks (not tests): see BENCHMARKS.md.
 bench: install data

@@ -4,6 +4,7 @@ onnx backends.
 
     python -m benchmarks serve RUN_DIR [--clients 16] [--seconds 60]
     python -m benchmarks soak RUN_DIR [--clients 32] [--seconds 60] [--invalid-share 0.5]
+    python -m benchmarks overload RUN_DIR [--clients 64] [--max-queue 16] [--seconds 30]
     python -m benchmarks predict RUN_DIR [--images 10000]
 
 The server and `cnnlab predict` run as real subprocesses; the load comes from a separate
@@ -307,6 +308,49 @@ def bench_soak(run_dir: Path, clients: int, seconds: float, invalid_share: float
         result = soak(url, proc.pid, posts, clients, seconds)
         print(json.dumps(result), flush=True)
         return result
+
+
+# ---------------------------------------------------------------- overload: more clients than the server can serve
+
+UNBOUNDED = 1_000_000  # --max-queue for the comparison run: nothing is ever refused
+
+
+def bench_overload(run_dir: Path, clients: int, max_queue: int, seconds: float) -> list[dict[str, Any]]:
+    """`clients` threads posting single images without pause (a 503 is retried at once, the worst
+    case), against a server with --max-queue `max_queue` and, side by side, one without a bound:
+    answers by status, requests/s, the 200s' latency percentiles, and the server's RSS."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cnnlab-overload-bench-") as tmp:
+        write_test_pngs(run_dir, Path(tmp) / "png", 256)
+        posts = [Post(*multipart(p.read_bytes())) for p in sorted((Path(tmp) / "png").glob("*.png"))]
+        for bound in (max_queue, UNBOUNDED):
+            with _server(run_dir, ["--max-queue", str(bound)], Path(tmp) / "server.log") as (url, proc):
+                run_clients(url, posts, 4, 2.0, lambda *outcome: None)  # warm-up
+                statuses: list[int] = []
+                latencies: list[float] = []
+
+                def record(post: Post, status: int, payload: bytes, seconds: float) -> None:
+                    statuses.append(status)
+                    if status == 200:
+                        latencies.append(seconds)
+
+                with RssSampler(proc.pid) as rss:
+                    wall = run_clients(url, posts, clients, seconds, record)
+                alive = proc.poll() is None and _get_json(url, "/healthz").get("status") == "ok"
+            ordered = sorted(latencies)
+
+            def pct(q: float) -> float:
+                return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1) if ordered else None
+
+            results.append({"max_queue": "none" if bound == UNBOUNDED else bound, "clients": clients,
+                            "seconds": round(wall, 1), "ok_200": statuses.count(200),
+                            "refused_503": statuses.count(503),
+                            "other": sum(s not in (200, 503) for s in statuses),
+                            "ok_per_second": round(statuses.count(200) / wall, 1), "p50_ms": pct(0.5),
+                            "p99_ms": pct(0.99), "max_ms": pct(1.0), "rss_start_mib": round(rss.samples[0], 1),
+                            "rss_max_mib": round(max(rss.samples), 1), "alive_after": alive})
+            print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 # ---------------------------------------------------------------- predict over a folder

@@ -309,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--invalid-share", type=float, default=0.5, help="fraction of requests that are malformed")
+    p = sub.add_parser("overload", help="cnnlab serve with more clients than it can serve: with --max-queue "
+                       "and without, answers by status, latency, memory")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--clients", type=int, default=64, help="4x the 16 clients that saturate a 2-core server")
+    p.add_argument("--max-queue", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=30)
     p = sub.add_parser("predict", help="cnnlab predict over a folder of PNGs, torch and onnx backends")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--images", type=int, default=10000)
@@ -338,14 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.command is None:
         ns = parser.parse_args(["recipes", *(argv or [])])
-    if ns.command in ("serve", "soak", "predict"):
-        from benchmarks.deploy import bench_predict, bench_serve, bench_soak
+    if ns.command in ("serve", "soak", "overload", "predict"):
+        from benchmarks.deploy import bench_overload, bench_predict, bench_serve, bench_soak
 
         print(f"machine: {machine()}", flush=True)
         if ns.command == "serve":
             bench_serve(ns.run_dir, [int(n) for n in ns.clients.split(",")], ns.seconds, ns.serve_arg)
         elif ns.command == "soak":
             bench_soak(ns.run_dir, ns.clients, ns.seconds, ns.invalid_share)
+        elif ns.command == "overload":
+            bench_overload(ns.run_dir, ns.clients, ns.max_queue, ns.seconds)
         else:
             bench_predict(ns.run_dir, ns.images, ns.batch_size)
         return 0

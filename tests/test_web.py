@@ -101,3 +101,29 @@ def test_the_api_key_is_entered_once_and_remembered(page, fmnist_run, fmnist_tes
         page.reload()  # the key comes back from localStorage
         page.wait_for_selector("#model:has-text('fastnet')")
         assert page.locator("#key-box").is_hidden()
+
+
+def test_the_api_docs_render_with_the_network_cut_off(browser, server):
+    """Swagger UI comes from the server itself: with every request elsewhere refused, as on a machine
+    without internet, /docs still renders every route."""
+    context = browser.new_context()
+    elsewhere: list[str] = []
+
+    def only_the_server(route: "sync_api.Route") -> None:
+        if route.request.url.startswith(server):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort("internetdisconnected")
+
+    context.route("**/*", only_the_server)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(f"{server.rstrip('/')}/docs")
+        page.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/v2/models/{name}/infer']")
+        assert "cnnlab" in page.text_content(".swagger-ui .info .title")
+        assert page.locator(".swagger-ui .opblock").count() >= 10  # /v1, /v2, /metrics, /healthz
+        assert elsewhere == []
+    finally:
+        context.close()

@@ -153,8 +153,22 @@ def model_ready(name: str, service: Service, version: str = VERSION) -> ModelRea
     return ModelReady(name=service.info.name, ready=service.accepting)
 
 
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its $defs written in place: OpenAPI documents (and ReDoc) have no
+    $defs of their own, so the references would point nowhere."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(item) for item in node] if isinstance(node, list) else node
+    return resolve(schema)
+
+
 INFER_BODY = {"required": True, "content": {
-    "application/json": {"schema": InferenceRequest.model_json_schema()},
+    "application/json": {"schema": _inline(InferenceRequest.model_json_schema())},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
                                             f"the binary tensor data extension: the JSON request, then the "
                                             f"tensors, with the JSON's length in the {HEADER_LENGTH} header"}},
@@ -172,7 +186,10 @@ async def infer(name: str, request: Request, service: Service, version: str = VE
     with service.admit(), service.batcher.coming():
         body = await request.body()
         infer_request, binary = _parse(body, request.headers.get(HEADER_LENGTH))
-        images = await run_in_threadpool(_images, service, infer_request.inputs[0], binary)
+        try:
+            images = await run_in_threadpool(_images, service, infer_request.inputs[0], binary)
+        except ApiError as exc:  # the protocol answers a malformed request with 400 where /v1 says 422
+            raise ApiError(400 if exc.status == 422 else exc.status, exc.message) from None
     probabilities = torch.stack(await service.classify(images))
     return _answer(service, infer_request, probabilities)
 
@@ -217,7 +234,8 @@ def _images(service: ModelService, tensor: RequestInput, binary: bytes) -> list[
         files = _split_bytes(binary, tensor.name) if size is not None else \
             [_base64_element(item, i, service.max_bytes) for i, item in enumerate(_flat(tensor.data), 1)]
         if len(files) != count:
-            raise ApiError(400, f"Input {tensor.name!r} has shape {tensor.shape} but holds {len(files)} elements.")
+            raise ApiError(400, f"Input {tensor.name!r} has shape {tensor.shape} but holds {len(files)} "
+                                f"element{'' if len(files) == 1 else 's'}.")
         return service.prepare([Upload(None, data) for data in files])
     if tensor.datatype in DTYPES:
         return list(_pixels(service, tensor, binary if size is not None else None))

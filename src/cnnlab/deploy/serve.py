@@ -237,9 +237,9 @@ def create_app(run_dir: str | Path, *, max_batch: int = 64, max_wait_ms: float =
         service.accepting = False
         await service.batcher.stop()
 
-    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the app itself,
-    # not from a CDN, so the docs render on a machine without internet
-    app = FastAPIOffline(title=f"cnnlab: {service.info.name}", version=__version__, lifespan=lifespan,
+    # FastAPIOffline: FastAPI whose /docs loads Swagger UI from the app itself, not from a CDN, so the
+    # docs render on a machine without internet. No /redoc: ReDoc still fetches its logo from a CDN.
+    app = FastAPIOffline(redoc_url=None, title=f"cnnlab: {service.info.name}", version=__version__, lifespan=lifespan,
                          description=f"A {service.info.architecture} image classifier ({service.info.num_classes} "
                                      f"classes). Up to {MAX_IMAGES} images per request, each at most {max_bytes:,} "
                                      f"bytes and {max_pixels:,} pixels. Errors are JSON: {{\"error\": \"...\"}}. "
@@ -301,7 +301,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, access
         signal.signal(signal.SIGTERM, previous)
     if stopped:
         stats = app.state.service.stats()
-        print(f"cnnlab: stopped on SIGTERM after answering {stats.requests:,} requests", flush=True)
+        print(f"cnnlab: stopped on SIGTERM after answering {stats.requests:,} request{'' if stats.requests == 1 else 's'}",
+              flush=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
