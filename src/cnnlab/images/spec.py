@@ -14,6 +14,7 @@ from ..errors import CnnlabError
 # Extensions picked up when walking folders: torchvision's list plus GIF, which both decoders
 # read. Files named explicitly are tried whatever they are called.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+ORIENTATION = 0x0112  # the EXIF tag both decoders read an image's rotation from (PIL.ExifTags.Base.Orientation)
 
 
 class UnreadableImage(CnnlabError):

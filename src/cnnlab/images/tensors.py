@@ -15,12 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
-from .spec import DEFAULT_TTA, UnreadableImage, tta_views
-
-ORIENTATION = ExifTags.Base.Orientation
+from .spec import DEFAULT_TTA, ORIENTATION, UnreadableImage, tta_views
 
 
 def read_image(path: str | Path) -> torch.Tensor:
