@@ -82,15 +82,19 @@ def _client(host: str, port: int, posts: list[Post], stop_at: float, record: Rec
         post = posts[i % len(posts)]
         i += 1
         start = time.perf_counter()
+        retry_after = None
         try:
             conn.request("POST", "/v1/predict", body=post.body, headers={"Content-Type": post.content_type})
             response = conn.getresponse()
             status, payload = response.status, response.read()
+            retry_after = response.getheader("Retry-After") if status == 503 else None
         except (OSError, http.client.HTTPException) as exc:
             status, payload = 0, f"{type(exc).__name__}: {exc}".encode()
             conn.close()
             conn = http.client.HTTPConnection(host, port, timeout=30)
         record(post, status, payload, time.perf_counter() - start)
+        if retry_after is not None and retry_after.isdigit():  # a well-behaved client waits as told
+            time.sleep(max(0.0, min(float(retry_after), stop_at - time.perf_counter())))
     conn.close()
 
 
@@ -316,9 +320,10 @@ UNBOUNDED = 1_000_000  # --max-queue for the comparison run: nothing is ever ref
 
 
 def bench_overload(run_dir: Path, clients: int, max_queue: int, seconds: float) -> list[dict[str, Any]]:
-    """`clients` threads posting single images without pause (a 503 is retried at once, the worst
-    case), against a server with --max-queue `max_queue` and, side by side, one without a bound:
-    answers by status, requests/s, the 200s' latency percentiles, and the server's RSS."""
+    """`clients` threads posting single images without pause (after a 503, each waits its
+    Retry-After, as HTTP clients should), against a server with --max-queue `max_queue` and, side by
+    side, one without a bound: answers by status, requests/s, the 200s' latency percentiles (as the
+    clients see them: their threads share the cores with the server), and the server's RSS."""
     results = []
     with tempfile.TemporaryDirectory(prefix="cnnlab-overload-bench-") as tmp:
         write_test_pngs(run_dir, Path(tmp) / "png", 256)
