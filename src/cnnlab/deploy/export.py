@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import __version__
 from ..card import ModelCard
+from ..data.batches import Normalize
 from ..data.load import load_dataset
 from ..errors import CnnlabError
 from ..files import atomic_write
@@ -59,9 +60,9 @@ class WithPreprocessing(nn.Module):
     def __init__(self, model: nn.Module, card: ModelCard, layout: str):
         super().__init__()
         self.model, self.tta, self.flip, self.nhwc = model, card.tta, card.tta_flip, layout == "nhwc"
-        std, mean = torch.tensor(card.std), torch.tensor(card.mean)
-        self.register_buffer("scale", (1 / (255 * std)).view(1, -1, 1, 1))
-        self.register_buffer("shift", (mean / std).view(1, -1, 1, 1))
+        normalize = Normalize(card.mean, card.std, torch.device("cpu"), channels_last=False)
+        self.register_buffer("scale", normalize.scale)
+        self.register_buffer("shift", normalize.shift)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2) if self.nhwc else images

@@ -13,17 +13,17 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from .service import ModelService
+from .service import ModelService, Service
 from .uploads import MAX_IMAGES, ApiError, Upload, decode_base64, describe_errors
 
 VERSION = "1"  # a run directory holds one model: its only version
@@ -109,11 +109,6 @@ class InferenceResponse(BaseModel):
 
 # --- routes --------------------------------------------------------------------------------------
 
-def get_service(request: Request) -> ModelService:
-    return request.app.state.service
-
-
-Service = Annotated[ModelService, Depends(get_service)]
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
 

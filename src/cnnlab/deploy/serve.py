@@ -35,7 +35,7 @@ from ..devices import resolve_device
 from ..errors import CnnlabError, InvalidSetting
 from . import oip
 from .metrics import MetricsMiddleware
-from .service import ModelInfo, ModelService, Stats
+from .service import ModelInfo, ModelService, Service, Stats
 from .uploads import FORMATS, MAX_IMAGES, ApiError, PredictJSON, body_limit, describe_errors, read_uploads
 
 API_KEY_ENV = "CNNLAB_API_KEY"
@@ -86,11 +86,6 @@ def require_api_key(request: Request, key: Annotated[str | None, Security(_key_h
 
 # --- routes ------------------------------------------------------------------------------------------
 
-def get_service(request: Request) -> ModelService:
-    return request.app.state.service
-
-
-Service = Annotated[ModelService, Depends(get_service)]
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong API key (when the server has one)"},
     413: {"model": ErrorBody, "description": "request body, image file or image area over the limits"},

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import torch
+from fastapi import Depends, Request
 from pydantic import BaseModel, Field
 
 from ..images.spec import TTA_MODES
@@ -104,6 +105,13 @@ class ModelService:
         return Stats(requests=self.requests, images=s.images, forward_passes=s.forward_passes,
                      largest_batch=s.largest_batch, max_batch=self.batcher.max_batch,
                      max_wait_ms=self.batcher.max_wait * 1000, rejected=self.rejected, max_queue=self.max_queue)
+
+
+def get_service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+Service = Annotated[ModelService, Depends(get_service)]  # a route's parameter: the app's loaded model
 
 
 def model_info(run_dir: Path, classifier: Classifier) -> ModelInfo:
