@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from . import __version__
+from .deploy import ENGINES
 from .errors import CnnlabError, InvalidSetting, missing_extra
 from .images.spec import TTA_MODES
 from .training.config import TrainConfig, default_settings, field_types, load_yaml, make_config
@@ -230,7 +231,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     serve(ns.run_dir, host=ns.host, port=ns.port, max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms,
           api_key=ns.api_key, top_k=ns.top_k, max_bytes=ns.max_bytes, max_pixels=ns.max_pixels,
-          max_queue=ns.max_queue, device=ns.device, shutdown_timeout=ns.shutdown_timeout, access_log=ns.access_log)
+          max_queue=ns.max_queue, device=ns.device, engine=ns.engine, shutdown_timeout=ns.shutdown_timeout,
+          access_log=ns.access_log)
     return 0
 
 
@@ -330,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classification requests in progress beyond which new ones are refused with 503 and "
                    "Retry-After, so overload sheds requests instead of growing latency and memory (default: 256)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs (default: cpu)")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="what runs the model: onnxruntime on the graph exported at start-up (CPU only, about twice "
+                   "PyTorch's speed, needs cnnlab[export]) or torch; auto: onnxruntime on the CPU when it is "
+                   "installed and the network exports, torch otherwise (default: auto)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, the longest wait for requests in progress to be answered (default: 30)")
     p.add_argument("--access-log", action="store_true", help="log one line per request")

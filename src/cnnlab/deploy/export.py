@@ -12,7 +12,10 @@ and PyTorch has deprecated TorchScript, so prefer ONNX for deployment.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -79,20 +82,32 @@ class ExportFormat:
 
 # ---------------------------------------------------------------- the formats
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, card: ModelCard, path: Path) -> None:
+def onnx_graph(model: nn.Module, example: torch.Tensor, card: ModelCard) -> onnx.ModelProto:
+    """The network as an ONNX graph in memory, with the model card in its metadata."""
     # torch.export-based exporter; a batch of 2 in the example keeps torch.export from
     # specialising the batch axis to 1.
     output = "probabilities" if isinstance(model, WithPreprocessing) else "logits"
+    previous = logging.root.manager.disable
+    # torch.export reports a network it cannot trace with logged warnings and printed graph dumps;
+    # the error below says it in one line
+    logging.disable(logging.WARNING)
     try:
-        program = torch.onnx.export(model, (example,), input_names=["images"], output_names=[output],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
-                                    external_data=False, verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            program = torch.onnx.export(model, (example,), input_names=["images"], output_names=[output],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                                        external_data=False, verbose=False)
     except torch.onnx.OnnxExporterError as exc:
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0]  # without terminal colours
         raise CnnlabError(f"PyTorch cannot export this network to ONNX: {first}") from None
+    finally:
+        logging.disable(previous)
     proto = program.model_proto
     onnx.helper.set_model_props(proto, card.to_properties(__version__))
-    onnx.save_model(proto, str(path))
+    return proto
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, card: ModelCard, path: Path) -> None:
+    onnx.save_model(onnx_graph(model, example, card), str(path))
 
 
 def _run_onnx(path: Path, images: torch.Tensor) -> np.ndarray:

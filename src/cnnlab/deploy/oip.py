@@ -31,6 +31,7 @@ IMAGES, PIXELS = "images", "pixels"  # the inputs the metadata lists (any name i
 PROBABILITIES, LABELS = "probabilities", "labels"
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension's split between JSON and tensors
 DTYPES = {"UINT8": np.uint8, "FP32": np.float32}  # the pixel tensors taken
+PLATFORMS = {"torch": "pytorch", "onnxruntime": "onnxruntime_onnx"}  # model metadata's platform, by engine
 
 
 # --- request and response bodies (they document the routes at /docs) ---------------------------------
@@ -132,7 +133,7 @@ def ready(service: Service) -> Ready:
 def model_metadata(name: str, service: Service, version: str = VERSION) -> ModelMetadata:
     _check_model(service, name, version)
     c, (h, w) = service.classifier.in_channels, service.classifier.image_size
-    return ModelMetadata(name=service.info.name, versions=[VERSION], platform="pytorch", inputs=[
+    return ModelMetadata(name=service.info.name, versions=[VERSION], platform=PLATFORMS[service.engine.name], inputs=[
         TensorMetadata(name=IMAGES, datatype="BYTES", shape=[-1]),
         TensorMetadata(name=PIXELS, datatype="UINT8", shape=[-1, h, w, c]),
     ], outputs=[

@@ -25,7 +25,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -135,7 +134,7 @@ async def predict(request: Request, service: Service,
     `{"images": ["<base64>", ...], "top_k": 3}`. Each image gets its top-k classes, most probable first."""
     with service.admit(), service.batcher.coming():  # batches being gathered wait for this request's images
         uploads, body_top_k = await read_uploads(request, service.max_bytes)
-        images = await run_in_threadpool(service.prepare, uploads)
+        images = await service.decode(uploads)
     outputs = await service.classify(images)
     k = min(body_top_k or top_k or service.top_k, service.info.num_classes)
     return PredictResponse(model=service.info.name, predictions=[
@@ -211,16 +210,16 @@ MAX_QUEUE = 256  # requests in progress before 503s: 16x the 16 clients that sat
 
 def create_app(run_dir: str | Path, *, max_batch: int = 64, max_wait_ms: float = 5.0, api_key: str | None = None,
                top_k: int = 5, max_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
-               max_queue: int = MAX_QUEUE, device: str = "cpu") -> FastAPI:
+               max_queue: int = MAX_QUEUE, device: str = "cpu", engine: str = "auto") -> FastAPI:
     """The FastAPI application serving the model in `run_dir` (loaded now: a bad run directory is a
     CnnlabError here, before any server starts). api_key None means $CNNLAB_API_KEY, if set.
     max_queue: classification requests in progress (being read, decoded, waiting or computed) beyond
-    which new ones get 503 with Retry-After."""
+    which new ones get 503 with Retry-After. engine: one of deploy.ENGINES (deploy/engine.py)."""
     _check_settings(max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, max_bytes=max_bytes,
                     max_pixels=max_pixels, max_queue=max_queue)
     service = ModelService(run_dir, max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k,
                            max_bytes=max_bytes, max_pixels=max_pixels, max_queue=max_queue,
-                           device=str(resolve_device(device)))
+                           device=str(resolve_device(device)), engine=engine)
     key = (api_key if api_key is not None else os.environ.get(API_KEY_ENV)) or None
     limit = body_limit(max_bytes)
 
@@ -279,8 +278,11 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, access
     sock = _listen(host, port)
     address, bound_port = sock.getsockname()[:2]
     url = f"http://{f'[{address}]' if ':' in address else address}:{bound_port}/"
-    card = app.state.service.info
-    print(f"cnnlab: serving {card.name} ({card.architecture}, {card.num_classes} classes) at {url} "
+    service = app.state.service
+    card = service.info
+    if service.engine_note:
+        print(f"cnnlab: serving with PyTorch: {service.engine_note}", flush=True)
+    print(f"cnnlab: serving {card.name} ({card.architecture}, {card.num_classes} classes, {card.engine}) at {url} "
           f"(API docs at {url}docs{'; API key required' if app.state.api_key else ''})", flush=True)
     if not ipaddress.ip_address(address).is_loopback and not app.state.api_key:
         print(f"cnnlab: warning: {host} is reachable from other machines and no API key is set", flush=True)
@@ -295,7 +297,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, access
     finally:
         signal.signal(signal.SIGTERM, previous)
     if stopped:
-        stats = app.state.service.stats()
+        stats = service.stats()
         print(f"cnnlab: stopped on SIGTERM after answering {stats.requests:,} request{'' if stats.requests == 1 else 's'}",
               flush=True)
 

@@ -144,21 +144,26 @@ def decode_base64(text: str, name: str, max_bytes: int) -> bytes:
         raise ApiError(422, f"{name} is not valid base64 ({exc}).") from None
 
 
-def load_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> torch.Tensor:
-    """Check one uploaded image against the limits, then decode it to uint8 (C, H, W)."""
+def check_upload(data: bytes, name: str, max_bytes: int, max_pixels: int) -> tuple[int, bool]:
+    """Check one uploaded image against the limits before decoding it: its pixel count, and
+    whether it is an animation (only its first frame is read)."""
     if not data:
         raise ApiError(422, f"{name} is empty.")
     if len(data) > max_bytes:
         raise ApiError(413, f"{name} has {len(data):,} bytes, over the {max_bytes:,}-byte limit per image.")
-    animated = _check_header(data, name, max_pixels)
+    return _check_header(data, name, max_pixels)
+
+
+def decode_upload(data: bytes, name: str, animated: bool) -> torch.Tensor:
+    """A checked upload (`check_upload`) decoded to uint8 (C, H, W)."""
     try:
         return decode_image_bytes(data, first_frame_only=animated)
     except UnreadableImage as exc:
         raise ApiError(415, f"{name} could not be decoded ({exc}).") from None
 
 
-def _check_header(data: bytes, name: str, max_pixels: int) -> bool:
-    """Refuse unknown formats and oversized images from the header alone; True for animations."""
+def _check_header(data: bytes, name: str, max_pixels: int) -> tuple[int, bool]:
+    """Refuse unknown formats and oversized images from the header alone; (pixels, animated)."""
     Image.init()  # register every plugin: Image.open(formats=...) sees only the loaded ones (not WEBP, TIFF)
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as header:
@@ -172,4 +177,4 @@ def _check_header(data: bytes, name: str, max_pixels: int) -> bool:
     if width * height > max_pixels:
         raise ApiError(413, f"{name} is {width}x{height} = {width * height:,} pixels, "
                             f"over the {max_pixels:,}-pixel limit.")
-    return animated
+    return width * height, animated
