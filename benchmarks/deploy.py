@@ -134,18 +134,38 @@ def load_clients(url: str, pngs: list[bytes], clients: int, seconds: float) -> d
             "errors": len(errors), "first_errors": errors[:3]}
 
 
-def bench_serve(run_dir: Path, clients: list[int], seconds: float, serve_args: list[str]) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="cnnlab-serve-bench-") as tmp, \
-            _server(run_dir, serve_args, Path(tmp) / "server.log") as (url, _):
+def bench_serve(run_dir: Path, clients: list[int], seconds: float, serve_args: list[str],
+                engines: list[str] | None = None, rounds: int = 1) -> list[dict[str, Any]]:
+    """Requests/s and latency at each number of clients, per serving engine (`cnnlab serve
+    --engine`). With several engines, each round runs every engine's server in turn, so they are
+    compared side by side on the same machine minutes; the ratios to the first engine come last."""
+    engines = engines or [None]
+    with tempfile.TemporaryDirectory(prefix="cnnlab-serve-bench-") as tmp:
         write_test_pngs(run_dir, Path(tmp) / "png", 256)
         pngs = [p.read_bytes() for p in sorted((Path(tmp) / "png").glob("*.png"))]
-        load_clients(url, pngs, 4, 2.0)  # warm-up
         results = []
-        for n in clients:
-            results.append(load_clients(url, pngs, n, seconds))
-            stats = _get_json(url, "/v1/stats")
-            results[-1]["mean_images_per_forward_pass"] = round(stats["images"] / max(stats["forward_passes"], 1), 1)
-            print(json.dumps(results[-1]), flush=True)
+        for round_ in range(1, rounds + 1):
+            for engine in engines:
+                args = serve_args + (["--engine", engine] if engine else [])
+                with _server(run_dir, args, Path(tmp) / "server.log") as (url, _):
+                    load_clients(url, pngs, 4, 2.0)  # warm-up
+                    for n in clients:
+                        before = _get_json(url, "/v1/stats")
+                        result = {"engine": _get_json(url, "/v1/model")["engine"], "round": round_,
+                                  **load_clients(url, pngs, n, seconds)}
+                        after = _get_json(url, "/v1/stats")
+                        passes = max(after["forward_passes"] - before["forward_passes"], 1)
+                        result["mean_images_per_forward_pass"] = round((after["images"] - before["images"]) / passes, 1)
+                        results.append(result)
+                        print(json.dumps(result), flush=True)
+        if len(engines) > 1:
+            for n in clients:
+                rates = {e: statistics.fmean(r["requests_per_second"] for r in results
+                                             if r["clients"] == n and r["engine"] == e)
+                         for e in dict.fromkeys(r["engine"] for r in results)}
+                first = next(iter(rates.values()))
+                print(json.dumps({"clients": n, "requests_per_second": {e: round(v, 1) for e, v in rates.items()},
+                                  "ratio": {e: round(v / first, 2) for e, v in rates.items()}}), flush=True)
         return results
 
 

@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--serve-arg", action="append", default=[], metavar="FLAG",
                    help="an extra `cnnlab serve` flag, e.g. --serve-arg=--max-wait-ms=2 (repeatable)")
+    p.add_argument("--engines", help="comma-separated `cnnlab serve --engine` values to compare side by side, "
+                   "e.g. torch,onnxruntime (default: the server's own choice)")
+    p.add_argument("--rounds", type=int, default=1, help="times each engine runs, interleaved (default: 1)")
     p = sub.add_parser("soak", help="cnnlab serve under valid and malformed uploads mixed: drops, 5xx, memory")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--clients", type=int, default=32)
@@ -349,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"machine: {machine()}", flush=True)
         if ns.command == "serve":
-            bench_serve(ns.run_dir, [int(n) for n in ns.clients.split(",")], ns.seconds, ns.serve_arg)
+            bench_serve(ns.run_dir, [int(n) for n in ns.clients.split(",")], ns.seconds, ns.serve_arg,
+                        ns.engines.split(",") if ns.engines else None, ns.rounds)
         elif ns.command == "soak":
             bench_soak(ns.run_dir, ns.clients, ns.seconds, ns.invalid_share)
         elif ns.command == "overload":
