@@ -4,11 +4,14 @@ shutdown on SIGTERM, and the device flag."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -21,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving import running_server, server_process
 
 from benchmarks.deploy import server_url
+from cnnlab.deploy.serve import create_app
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +129,40 @@ def test_a_full_queue_answers_503_with_retry_after(fmnist_run, fmnist_test_image
         stats = httpx.get(f"{url}/v1/stats", timeout=60).json()
         assert stats["rejected"] == 1 and stats["max_queue"] == 2
         assert sample(metrics(url), "cnnlab_rejected_requests_total") == 1
+
+
+@pytest.mark.parametrize("route", ["/v1/predict", "/v2/models/{name}/infer"])
+def test_requests_waiting_for_the_model_hold_their_places(fmnist_run, fmnist_test_images, route):
+    """A place in --max-queue is held until the answer, not only while the body is read: requests
+    whose images wait for a busy model count, so a third request is refused."""
+    app = create_app(fmnist_run, max_queue=2, max_wait_ms=0, engine="torch")
+    service = app.state.service
+    release = threading.Event()
+    forward = service.batcher.forward
+    service.batcher.forward = lambda images: (release.wait(60), forward(images))[1]  # a model that is busy
+    png = base64.b64encode(fmnist_test_images[0][0].read_bytes()).decode()
+    path = route.format(name=fmnist_run.name)
+    body = {"images": [png]} if path.startswith("/v1") else \
+        {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [png]}]}
+
+    async def scenario() -> list[int]:
+        await service.batcher.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cnnlab") as client:
+                waiting = [asyncio.create_task(client.post(path, json=body)) for _ in range(2)]
+                for _ in range(500):  # until both are admitted (at most 5 s): they then wait for the model
+                    if service.in_progress >= 2:
+                        break
+                    await asyncio.sleep(0.01)
+                refused = await asyncio.wait_for(client.post(path, json=body), 30)
+                release.set()
+                return [refused.status_code] + [(await task).status_code for task in waiting]
+        finally:
+            release.set()
+            await service.batcher.stop()
+
+    assert asyncio.run(scenario()) == [503, 200, 200]
+    assert service.rejected == 1 and service.in_progress == 0
 
 
 def test_overload_gets_only_200s_and_503s(fmnist_run, fmnist_test_images):

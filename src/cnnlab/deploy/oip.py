@@ -179,14 +179,15 @@ async def infer(name: str, request: Request, service: Service, version: str = VE
     FP32 0-1, shaped (N, H, W, C) or (N, C, H, W) at the model's size). Outputs: `probabilities`
     (FP32, N x classes) and `labels` (BYTES, N x top_k class names, most probable first)."""
     _check_model(service, name, version)
-    with service.admit(), service.batcher.coming():
-        body = await request.body()
-        infer_request, binary = _parse(body, request.headers.get(HEADER_LENGTH))
-        try:
-            images = await run_in_threadpool(_images, service, infer_request.inputs[0], binary)
-        except ApiError as exc:  # the protocol answers a malformed request with 400 where /v1 says 422
-            raise ApiError(400 if exc.status == 422 else exc.status, exc.message) from None
-    probabilities = torch.stack(await service.classify(images))
+    with service.admit():
+        with service.batcher.coming():
+            body = await request.body()
+            infer_request, binary = _parse(body, request.headers.get(HEADER_LENGTH))
+            try:
+                images = await run_in_threadpool(_images, service, infer_request.inputs[0], binary)
+            except ApiError as exc:  # the protocol answers a malformed request with 400 where /v1 says 422
+                raise ApiError(400 if exc.status == 422 else exc.status, exc.message) from None
+        probabilities = torch.stack(await service.classify(images))
     return _answer(service, infer_request, probabilities)
 
 

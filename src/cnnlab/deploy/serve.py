@@ -132,10 +132,11 @@ async def predict(request: Request, service: Service,
                   ) -> PredictResponse:
     """Send image files as multipart/form-data (field `files`, repeated for several images) or JSON
     `{"images": ["<base64>", ...], "top_k": 3}`. Each image gets its top-k classes, most probable first."""
-    with service.admit(), service.batcher.coming():  # batches being gathered wait for this request's images
-        uploads, body_top_k = await read_uploads(request, service.max_bytes)
-        images = await service.decode(uploads)
-    outputs = await service.classify(images)
+    with service.admit():  # its place is held until the answer: reading, decoding and waiting for the model
+        with service.batcher.coming():  # batches being gathered wait for this request's images
+            uploads, body_top_k = await read_uploads(request, service.max_bytes)
+            images = await service.decode(uploads)
+        outputs = await service.classify(images)
     k = min(body_top_k or top_k or service.top_k, service.info.num_classes)
     return PredictResponse(model=service.info.name, predictions=[
         ImagePrediction(filename=upload.filename, predictions=_top(service, probs, k))
