@@ -6,6 +6,7 @@ onnx backends.
     python -m benchmarks soak RUN_DIR [--clients 32] [--seconds 60] [--invalid-share 0.5]
     python -m benchmarks overload RUN_DIR [--clients 64] [--max-queue 16] [--seconds 30]
     python -m benchmarks predict RUN_DIR [--images 10000]
+    python -m benchmarks engines RUN_DIR [--batches 1,8,16,64]
 
 The server and `cnnlab predict` run as real subprocesses; the load comes from a separate
 client process of threads on keep-alive connections, each sending one image per request.
@@ -167,6 +168,37 @@ def bench_serve(run_dir: Path, clients: list[int], seconds: float, serve_args: l
                 print(json.dumps({"clients": n, "requests_per_second": {e: round(v, 1) for e, v in rates.items()},
                                   "ratio": {e: round(v / first, 2) for e, v in rates.items()}}), flush=True)
         return results
+
+
+def bench_engines(run_dir: Path, batches: list[int], seconds: float = 2.0) -> list[dict[str, Any]]:
+    """The serving engines' forward pass in-process (what one micro-batch costs), side by side:
+    milliseconds per batch of uint8 images, alternating engines, best of three rounds each."""
+    import torch
+
+    from cnnlab.deploy.engine import load_engine
+    from cnnlab.models.classifier import Classifier
+
+    classifier = Classifier.load(run_dir)
+    engines = {name: load_engine(classifier, name)[0] for name in ("torch", "onnxruntime")}
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for batch in batches:
+        images = torch.randint(0, 256, (batch, classifier.in_channels, *classifier.image_size), dtype=torch.uint8,
+                               generator=gen)
+        best = {name: math.inf for name in engines}
+        for _ in range(3):
+            for name, engine in engines.items():
+                engine(images)  # warm
+                runs, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds / 3:
+                    engine(images)
+                    runs += 1
+                best[name] = min(best[name], (time.perf_counter() - start) / runs * 1000)
+        result = {"batch": batch, **{f"{name}_ms": round(ms, 2) for name, ms in best.items()},
+                  "torch_over_onnxruntime": round(best["torch"] / best["onnxruntime"], 2)}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    return results
 
 
 @contextmanager

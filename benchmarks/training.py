@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", help="comma-separated `cnnlab serve --engine` values to compare side by side, "
                    "e.g. torch,onnxruntime (default: the server's own choice)")
     p.add_argument("--rounds", type=int, default=1, help="times each engine runs, interleaved (default: 1)")
+    p = sub.add_parser("engines", help="cnnlab serve's engines (torch, onnxruntime) in-process: ms per batch")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--batches", default="1,8,16,64", help="comma-separated batch sizes")
     p = sub.add_parser("soak", help="cnnlab serve under valid and malformed uploads mixed: drops, 5xx, memory")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--clients", type=int, default=32)
@@ -347,13 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.command is None:
         ns = parser.parse_args(["recipes", *(argv or [])])
-    if ns.command in ("serve", "soak", "overload", "predict"):
-        from benchmarks.deploy import bench_overload, bench_predict, bench_serve, bench_soak
+    if ns.command in ("serve", "soak", "overload", "predict", "engines"):
+        from benchmarks.deploy import bench_engines, bench_overload, bench_predict, bench_serve, bench_soak
 
         print(f"machine: {machine()}", flush=True)
         if ns.command == "serve":
             bench_serve(ns.run_dir, [int(n) for n in ns.clients.split(",")], ns.seconds, ns.serve_arg,
                         ns.engines.split(",") if ns.engines else None, ns.rounds)
+        elif ns.command == "engines":
+            bench_engines(ns.run_dir, [int(n) for n in ns.batches.split(",")])
         elif ns.command == "soak":
             bench_soak(ns.run_dir, ns.clients, ns.seconds, ns.invalid_share)
         elif ns.command == "overload":
