@@ -4,9 +4,9 @@ The onnxruntime engine runs the self-contained graph that `cnnlab export --with-
 writes (uint8 images in, normalisation and the model's test-time augmentation inside, softmax
 probabilities out), exported in memory when the server starts and checked against PyTorch on
 seeded random images before it serves anything. On the 2-core reference CPU it runs the demo
-model's batch of one in 0.31 ms against PyTorch's 1.4 ms, and 16 images in 3.0 ms against
-6.0 ms (BENCHMARKS.md, "Serving engine"), and it holds the GIL for none of it, so the event
-loop keeps parsing requests meanwhile.
+model's lone image in 0.25 ms against PyTorch's 1.08 ms, 16 images in 2.9 ms against 4.7 ms,
+64 in 11.4 against 12.9 (`python -m benchmarks engines`, BENCHMARKS.md), and it holds the GIL
+for none of it, so the event loop keeps parsing requests meanwhile.
 
 `auto` picks onnxruntime on the CPU when the `export` extra is installed and the network
 exports, and PyTorch otherwise, saying why.
@@ -91,6 +91,6 @@ def load_engine(classifier: Classifier, engine: str) -> tuple[Callable[[torch.Te
         return OnnxEngine(classifier, threads), None
     except ImportError:
         return TorchEngine(classifier), ("onnxruntime is not installed (pip install 'cnnlab[export]' "
-                                         "makes serving about twice as fast)")
+                                         "makes a lone request's forward pass 4x faster)")
     except CnnlabError as exc:
         return TorchEngine(classifier), str(exc).rstrip(".")
