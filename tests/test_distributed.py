@@ -182,6 +182,33 @@ def test_a_killed_process_ends_the_job_and_resume_continues_it(tmp_path: Path) -
 
 
 @needs_fmnist
+def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM to the launcher reaches every process; they stop together at the next
+    step, write one checkpoint, and the job exits 143 with one line; resuming loses nothing."""
+    reference = cnnlab.train(**LONG, out=str(tmp_path / "reference"))
+    run = tmp_path / "run"
+    launcher = _start_and_wait_for_checkpoint(run, LONG, timeout_s=30)
+    launcher.send_signal(signal.SIGTERM)
+    try:
+        out, err = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        pytest.fail("the job did not stop after SIGTERM")
+    assert launcher.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "death signal" not in err
+    assert out.count("SIGTERM received") == 1
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stopped) == 1 and f"continue with `cnnlab train --resume {run}`" in stopped[0], err[-3000:]
+    state = RunDir(run).read_checkpoint()
+    assert state["world"] == 2 and not (run / "summary.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--nproc", "2", "--resume", str(run),
+                              "--no-progress"], capture_output=True, text=True, timeout=300, env=env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max_weight_difference(reference, run) < 1e-4
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@needs_fmnist
 def test_a_hung_process_times_out_with_a_clear_error(tmp_path: Path) -> None:
     """A process alive but silent (stopped): the others give up after --dist-timeout with one
     clear line. (torchrun then allows a stopped process 30 s to act on SIGTERM before it kills

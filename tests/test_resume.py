@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -70,16 +71,76 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_run(uninterrupted
 
     result = cnnlab_cli("train", "--resume", str(run), "--no-progress")
     assert result.returncode == 0, result.stderr
+    assert_same_run(uninterrupted, run)
+    summary = [json.loads((r / "summary.json").read_text()) for r in (uninterrupted, run)]
+    assert summary[0]["test_accuracy"] == summary[1]["test_accuracy"]
 
-    want, got = load_file(uninterrupted / "model.safetensors"), load_file(run / "model.safetensors")
+
+def assert_same_run(want_dir: Path, got_dir: Path) -> None:
+    want, got = load_file(want_dir / "model.safetensors"), load_file(got_dir / "model.safetensors")
     assert want.keys() == got.keys()
     for name in want:
         assert torch.allclose(want[name].float(), got[name].float(), atol=1e-6, rtol=0), name
-    for a, b in zip(metrics(uninterrupted), metrics(run), strict=True):
+    for a, b in zip(metrics(want_dir), metrics(got_dir), strict=True):
         for key in ("epoch", "train_loss", "train_accuracy", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
-    summary = [json.loads((r / "summary.json").read_text()) for r in (uninterrupted, run)]
-    assert summary[0]["test_accuracy"] == summary[1]["test_accuracy"]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_checkpoints_at_the_next_step_and_resume_gives_the_same_run(
+        uninterrupted: Path, tmp_path: Path, signum: int) -> None:
+    """What a scheduler's preemption does (SIGTERM, then SIGKILL after a grace period) loses nothing
+    but the step in progress: the process writes a checkpoint at the next step boundary and exits
+    with 128 + the signal's number, saying where it stopped in one line."""
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *TRAIN_FLAGS, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / RunDir.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    name = signal.Signals(signum).name
+    assert f"{name} received: stopping after this step with a checkpoint" in out
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    where = re.fullmatch(rf"cnnlab: stopped by {name} after (?:batch (\d+) of epoch (\d+)|epoch (\d+)); the "
+                         rf"checkpoint in {re.escape(str(run))} is complete: continue with "
+                         rf"`cnnlab train --resume {re.escape(str(run))}`\.", last)
+    assert where, last
+    state = RunDir(run).read_checkpoint()
+    batch, epoch, after_epoch = where.groups()
+    if batch:  # mid-epoch: the checkpoint holds exactly the batches the message names
+        assert (state["epochs_done"], state["step"]) == (int(epoch) - 1, int(batch))
+    else:
+        assert (state["epochs_done"], state["step"]) == (int(after_epoch), 0)
+    assert not (run / "model.safetensors").exists()
+
+    result = cnnlab_cli("train", "--resume", str(run), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert_same_run(uninterrupted, run)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("seconds, saved", [
+    (0, [(1, 0), (2, 0)]),  # once per epoch
+    (1e-9, [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]),  # always due: after every step (3 per epoch)
+])
+def test_checkpoint_every_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float,
+                                  saved: list[tuple[int, int]]) -> None:
+    written = []
+    original = RunDir.write_checkpoint
+
+    def noting(self, checkpoint):
+        written.append((checkpoint["epochs_done"], checkpoint["step"]))
+        return original(self, checkpoint)
+
+    monkeypatch.setattr(RunDir, "write_checkpoint", noting)
+    cnnlab.train(dataset="fashion-mnist", limit_train=1024, batch_size=256, epochs=2, model="lenet5", threads=1,
+                 checkpoint_every_seconds=seconds, progress=False, out=str(tmp_path / "run"))
+    assert written == saved  # (epochs done, batches of the next epoch done); an epoch's last step is its own
 
 
 @needs_fmnist

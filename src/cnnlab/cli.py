@@ -16,7 +16,7 @@ import yaml
 
 from . import __version__
 from .deploy import ENGINES
-from .errors import CnnlabError, InvalidSetting, missing_extra
+from .errors import CnnlabError, InvalidSetting, Preempted, missing_extra
 from .images.spec import TTA_MODES
 from .training.config import TrainConfig, default_settings, field_types, load_yaml, make_config
 
@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Retry-After, so overload sheds requests instead of growing latency and memory (default: 256)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"), help="where the model runs (default: cpu)")
     p.add_argument("--engine", default="auto", choices=ENGINES,
-                   help="what runs the model: onnxruntime on the graph exported at start-up (CPU only, about twice "
-                   "PyTorch's speed, needs cnnlab[export]) or torch; auto: onnxruntime on the CPU when it is "
+                   help="what runs the model: onnxruntime on the graph exported at start-up (CPU only, 1.6-4x "
+                   "PyTorch's speed for batches of 16 to 1, needs cnnlab[export]) or torch; auto: onnxruntime on the CPU when it is "
                    "installed and the network exports, torch otherwise (default: auto)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, the longest wait for requests in progress to be answered (default: 30)")
@@ -419,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns.argv = argv
     try:
         return ns.func(ns)
+    except Preempted as exc:  # stopped on SIGTERM/SIGINT with a checkpoint: as a signal would end it, with a line
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"cnnlab: {exc}", file=sys.stderr)
+        return exc.exit_status
     except CnnlabError as exc:
         rank = int(os.environ.get("RANK", "0"))  # each process of a distributed run names itself
         print(f"cnnlab: error{f' (process {rank})' if rank else ''}: {_in_flags(exc)}", file=sys.stderr)

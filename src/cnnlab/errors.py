@@ -18,6 +18,16 @@ class InvalidSetting(CnnlabError):
         self.setting, self.problem = setting, problem
 
 
+class Preempted(CnnlabError):
+    """Training stopped on a signal (SIGTERM, SIGINT) after writing a checkpoint; the CLI exits with
+    `exit_status`, 128 + the signal's number, as the signal itself would have."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
+
+
 class DatasetNotFound(CnnlabError):
     """A dataset's files are not on disk and could not be downloaded."""
 

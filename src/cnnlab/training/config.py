@@ -114,6 +114,8 @@ class TrainConfig:
     progress: bool = _opt(True, "show a progress bar per epoch")
     eval_test: bool = _opt(False, "also measure test accuracy after every epoch (for benchmarks; not timed)")
     checkpoint_every_steps: int = _opt(0, "also save the training state every N batches, mid-epoch (0 = once per epoch)")
+    checkpoint_every_seconds: float = _opt(0.0, "also save the training state every S seconds, mid-epoch: the most "
+                                           "a SIGKILL can lose (0 = off)")
     tensorboard: bool = _opt(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)")
 
     def validate(self) -> "TrainConfig":
@@ -135,7 +137,7 @@ class TrainConfig:
         self._require("bias_lr_scale", self.bias_lr_scale > 0, "must be positive")
         self._require("base_batch", self.base_batch >= 1, "must be at least 1")
         self._require("lr_end", 0 <= self.lr_end <= 1, "must be in [0, 1]")
-        for name in ("weight_decay", "warmup_epochs", "translate"):
+        for name in ("weight_decay", "warmup_epochs", "translate", "checkpoint_every_seconds"):
             self._require(name, getattr(self, name) >= 0, "must not be negative")
         for name in ("label_smoothing", "ema_decay", "momentum"):
             self._require(name, 0 <= getattr(self, name) < 1, "must be in [0, 1)")

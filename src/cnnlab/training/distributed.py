@@ -25,6 +25,9 @@ from torch import nn
 from ..errors import CnnlabError, InvalidSetting
 
 DEFAULT_TIMEOUT_S = 300  # a collective waiting longer than this means a process is gone
+# After passing a SIGTERM on to the processes, how long --nproc's launcher lets them write their
+# checkpoint before it kills them: the grace period SLURM and Kubernetes give by default
+SHUTDOWN_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,16 @@ def sum_across(ctx: Context, *values: float | int | torch.Tensor) -> list[float]
     return t.cpu().tolist()
 
 
+def max_across(ctx: Context, *values: float | int) -> list[float]:
+    """The largest of each value over all processes (one all-reduce); the values themselves when alone."""
+    if not ctx.active:
+        return [float(v) for v in values]
+    device = torch.device("cuda", ctx.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
 def gather_objects(ctx: Context, obj: Any) -> list[Any]:
     """Every process's `obj`, in rank order (a list of one when alone)."""
     if not ctx.active:
@@ -152,6 +165,7 @@ def peer_failure_message(run_dir: Any, exc: BaseException) -> str:
 def launch(nproc: int, argv: Sequence[str], timeout_s: float) -> int:
     """Run `python -m cnnlab train ARGV` in `nproc` local processes through torchrun's launcher;
     a process that fails ends the others and is reported in one line."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -159,12 +173,18 @@ def launch(nproc: int, argv: Sequence[str], timeout_s: float) -> int:
         raise InvalidSetting("nproc", f"must be at least 1, got {nproc}.")
     # torchrun would set one thread per process; share the cores out instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its report is replaced by ours
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # its reports are replaced by ours (some set their own level)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_timeout=int(timeout_s),
-                          max_restarts=0, monitor_interval=0.5, start_method="spawn", shutdown_timeout=5)
+                          max_restarts=0, monitor_interval=0.5, start_method="spawn",
+                          shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     try:
         elastic_launch(config, sys.executable)("-m", "cnnlab", "train", *argv)
+    except SignalException as exc:
+        # SIGTERM/SIGINT: torchrun's agent passed it on to the processes, which wrote a checkpoint
+        # at their next step and said so (preempt.py); end as the signal would
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         if failure.exitcode == 2:  # a user's mistake: the process has said what it was

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ..data.batches import BatchLoader
-from ..errors import CnnlabError
+from ..errors import CnnlabError, Preempted
 from ..rundir import RunDir
 from . import distributed
 from .loop import EpochStats, Totals, TrainingDiverged
+from .preempt import StopSignals, stop_message
 from .setup import TrainingSetup
 
 # checkpoint.pt, key by key (the layout cnnlab 0.1.0 wrote, still read):
@@ -36,6 +38,8 @@ class TrainingState:
     best_epoch: int = 0  # the epoch that reached best_val (0: none yet)
     loader: dict[str, torch.Tensor] | None = None  # the batch order and random draws of the epoch in progress
     totals: dict[str, Any] | None = None  # this process's running sums of that epoch, when saved mid-epoch
+    # when this process last saved (or started): --checkpoint-every-seconds counts from it; not saved
+    _saved_at: float = field(default_factory=time.monotonic, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------ checkpoint.pt, both ways
 
@@ -45,7 +49,7 @@ class TrainingState:
         process's, in a distributed run). Every process calls this; rank 0 writes."""
         if totals is not None and not torch.isfinite(totals.loss):
             raise TrainingDiverged(f"The loss became {totals.loss.item()} in epoch {self.epochs_done + 1}")
-        self.step = step
+        self.step, self._saved_at = step, time.monotonic()
         sums = None if totals is None else {"loss": totals.loss.cpu(), "correct": totals.correct.cpu(),
                                             "seen": totals.seen, "seconds": totals.seconds}
         saved = dataclasses.replace(self, loader=loader.state(), totals=sums)  # the loop keeps its own position
@@ -104,15 +108,30 @@ class TrainingState:
             return True
         return False
 
-    def mid_epoch_saver(self, run: RunDir, setup: TrainingSetup,
-                        loader: BatchLoader) -> Callable[[int, Totals], None]:
-        """train_one_epoch's after_step: a checkpoint every config.checkpoint_every_steps batches."""
-        return functools.partial(self._after_step, run, setup, loader)
+    def mid_epoch_saver(self, run: RunDir, setup: TrainingSetup, loader: BatchLoader,
+                        stop: StopSignals) -> Callable[[int, Totals], None]:
+        """train_one_epoch's after_step: a checkpoint every config.checkpoint_every_steps batches,
+        and on a stop signal, a checkpoint and Preempted (at an epoch's last batch, the epoch's own
+        checkpoint comes first: see `stop_after_epoch`)."""
+        return functools.partial(self._after_step, run, setup, loader, stop)
 
-    def _after_step(self, run: RunDir, setup: TrainingSetup, loader: BatchLoader, step: int, totals: Totals) -> None:
-        every = setup.config.checkpoint_every_steps
-        if every and (step + 1) % every == 0 and step + 1 < len(loader):
+    def _after_step(self, run: RunDir, setup: TrainingSetup, loader: BatchLoader, stop: StopSignals, step: int,
+                    totals: Totals) -> None:
+        every, seconds = setup.config.checkpoint_every_steps, setup.config.checkpoint_every_seconds
+        due = bool(seconds) and time.monotonic() - self._saved_at >= seconds
+        signum, due = stop.requested(setup.ctx, due)  # every process asks at every step: they agree
+        if step + 1 >= len(loader):
+            return
+        if signum or due or (every and (step + 1) % every == 0):
             self.save(run, setup, loader, totals, step + 1)
+        if signum:
+            raise Preempted(signum, stop_message(signum, run, self.epochs_done + 1, step + 1))
+
+    def stop_after_epoch(self, run: RunDir, setup: TrainingSetup, stop: StopSignals) -> None:
+        """After an epoch's checkpoint: Preempted when a stop signal came (unless it was the last epoch)."""
+        signum, _ = stop.requested(setup.ctx)
+        if signum and self.epochs_done < setup.config.epochs:
+            raise Preempted(signum, stop_message(signum, run, self.epochs_done, 0))
 
 
 def _objects(setup: TrainingSetup) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from ..rundir import RunDir
 from . import distributed
 from .config import TrainConfig, load_yaml, make_config, recipe_note
 from .loop import EpochStats, TrainingDiverged, predict_logits, train_one_epoch
+from .preempt import StopSignals
 from .recipes import recipe_for
 from .setup import TrainingSetup, build_setup
 from .state import TrainingState
@@ -172,7 +173,8 @@ def _train(config: TrainConfig, checkpoint: dict[str, Any] | None, run_dir: Path
             say(line)
     log = _EpochLog(run, setup, say)
     try:
-        _train_epochs(setup, state, run, log)
+        with StopSignals() as stop:  # SIGTERM/SIGINT: a checkpoint at the next step, then Preempted
+            _train_epochs(setup, state, run, log, stop)
     except TrainingDiverged as exc:
         kept = (f"the last good checkpoint (it resumes at epoch {state.epochs_done + 1}, batch "
                 f"{state.step + 1}) is kept in {run}" if run.has_checkpoint() else "no checkpoint had been written yet")
@@ -183,7 +185,7 @@ def _train(config: TrainConfig, checkpoint: dict[str, Any] | None, run_dir: Path
     return _finish(setup, state, run, say)
 
 
-def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: _EpochLog) -> None:
+def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: _EpochLog, stop: StopSignals) -> None:
     """The epoch loop: train, combine the processes' figures, validate, record, checkpoint."""
     config, data = setup.config, setup.data
     select, separate = _selects_best(setup), _separate_val(setup)
@@ -194,7 +196,7 @@ def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: 
         totals = state.resume_epoch(loader, setup.device)  # None unless resuming mid-epoch
         stats = train_one_epoch(setup.net, loader, setup.optimizer, setup.scheduler, setup.loss_fn,
                                 bf16=setup.bf16, epoch=epoch, ema=setup.ema, lookahead=setup.lookahead, progress=setup.progress,
-                                start=state.step, totals=totals, after_step=state.mid_epoch_saver(run, setup, loader))
+                                start=state.step, totals=totals, after_step=state.mid_epoch_saver(run, setup, loader, stop))
         stats = _over_all_processes(setup, stats)
         val_acc, val_loss = _validate(setup, data.val_loader, bf16=setup.bf16) if data.val_loader else (None, None)
         if state.end_epoch(epoch, stats, val_acc) and select and setup.ctx.main:
@@ -208,6 +210,7 @@ def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunDir, log: 
         log.record(record)  # before the checkpoint: a resumed run keeps the records its checkpoint covers
         state.save(run, setup, loader)
         log.line(epoch, stats, val_acc, state.train_seconds)
+        state.stop_after_epoch(run, setup, stop)
         if config.early_stop and separate and epoch - state.best_epoch >= config.early_stop:
             log.say(f"stopping early: no better validation accuracy for {config.early_stop} epochs "
                     f"(best {state.best_val:.4f} after epoch {state.best_epoch})")
