@@ -144,6 +144,26 @@ def test_checkpoint_every_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @needs_fmnist
+def test_resume_auto_lets_a_scheduler_rerun_the_same_command(uninterrupted: Path, tmp_path: Path) -> None:
+    """`--resume auto --out RUN_DIR`: the first run starts, a preempted one continues, a finished one
+    is left alone; always the same command line, as schedulers and torchrun --max-restarts give it."""
+    run = tmp_path / "auto"
+    command = [sys.executable, "-m", "cnnlab", "train", *TRAIN_FLAGS, "--out", str(run), "--resume", "auto"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / RunDir.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {run} at epoch" in again.stdout
+    assert_same_run(uninterrupted, run)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0 and "nothing to do" in finished.stdout
+
+
+@needs_fmnist
 def test_resuming_a_finished_run_does_nothing(uninterrupted: Path) -> None:
     before = (uninterrupted / "model.safetensors").read_bytes()
     result = cnnlab_cli("train", "--resume", str(uninterrupted), "--no-progress")
@@ -155,6 +175,9 @@ def test_resuming_a_finished_run_does_nothing(uninterrupted: Path) -> None:
 @pytest.mark.parametrize("args, fragment", [
     (["--resume", "{tmp}/nothing-here"], "not a cnnlab run directory"),
     (["--resume", "{run}", "--epochs", "5"], "drop --epochs"),
+    (["--resume", "auto", "--dataset", "fashion-mnist"], "--resume auto needs --out RUN_DIR"),
+    (["--resume", "auto", "--out", "{run}", "--dataset", "fashion-mnist", "--epochs", "97"],
+     "holds a run of another configuration (it differs in --epochs"),
 ])
 def test_resume_usage_errors(args: list[str], fragment: str, tmp_path: Path) -> None:
     run = tmp_path / "run"

@@ -18,7 +18,7 @@ from . import __version__
 from .deploy import ENGINES
 from .errors import CnnlabError, InvalidSetting, Preempted, missing_extra
 from .images.spec import TTA_MODES
-from .training.config import TrainConfig, default_settings, field_types, load_yaml, make_config
+from .training.config import MACHINE_SETTINGS, TrainConfig, default_settings, field_types, load_yaml, make_config
 
 EXIT_USAGE = 2
 EXIT_BELOW_GATE = 3
@@ -96,15 +96,15 @@ def _config_from_flags(ns: argparse.Namespace) -> TrainConfig:
     return make_config(**{**file_values, **values})
 
 
-_RESUME_FLAGS = ("progress", "threads", "dist_timeout")  # settings of the machine, not of the run
+AUTO = "auto"  # --resume auto
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from .training import distributed
-    from .training.trainer import train
+    from .training.trainer import auto_resume, train
 
-    if ns.resume:
-        given = sorted(k for k in vars(ns) if k in field_types() and k not in _RESUME_FLAGS)
+    if ns.resume and ns.resume != AUTO:
+        given = sorted(k for k in vars(ns) if k in field_types() and k not in MACHINE_SETTINGS)
         if given or ns.config or ns.model_arg or ns.split_folder:
             flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--config/--model-arg/--split-folder"
             raise CnnlabError(f"--resume continues a run with its own config.yaml; drop {flags}.")
@@ -120,10 +120,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.nproc > 1:  # the same command again in N processes, through torchrun's launcher
             timeout = getattr(ns, "dist_timeout", TrainConfig.dist_timeout)
             return distributed.launch(ns.nproc, _without_nproc(ns.argv), timeout)
-    if config is None:
-        train(resume=ns.resume, **{k: getattr(ns, k) for k in _RESUME_FLAGS if hasattr(ns, k)})
+    resume, overwrite = (ns.resume, ns.overwrite) if ns.resume != AUTO else auto_resume(config)
+    if resume is not None:
+        train(resume=resume, **{k: getattr(ns, k) for k in MACHINE_SETTINGS if hasattr(ns, k)})
     else:
-        train(config, overwrite=ns.overwrite)
+        train(config, overwrite=overwrite or ns.overwrite)
     return 0
 
 
@@ -281,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model into a run directory")
     _add_config_flags(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint; "
+                   f"'{AUTO}': continue the run in --out when it holds one of this configuration, start it otherwise "
+                   "(for schedulers and torchrun --max-restarts, which run the same command again)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (refused otherwise)")
     p.add_argument("--nproc", type=int, metavar="N", help="train data-parallel in N local processes "
                    "(the same as torchrun --standalone --nproc-per-node N -m cnnlab train ...)")

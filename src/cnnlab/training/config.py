@@ -40,6 +40,9 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, metava
     return field(default=default, metadata=metadata, **kw)
 
 
+MACHINE_SETTINGS = ("progress", "threads", "dist_timeout")  # of the machine, not of the run: --resume takes them
+
+
 @dataclass
 class TrainConfig:
     recipe: str = _opt(DEFAULT_RECIPE, "training preset (see `cnnlab recipes`); other settings override it. Default: "

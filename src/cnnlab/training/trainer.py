@@ -28,7 +28,7 @@ from ..models.registry import check_model_name, count_parameters, recorded_name
 from ..models.source import is_import_path, source_of
 from ..rundir import RunDir
 from . import distributed
-from .config import TrainConfig, load_yaml, make_config, recipe_note
+from .config import MACHINE_SETTINGS, TrainConfig, load_yaml, make_config, recipe_note
 from .loop import EpochStats, TrainingDiverged, predict_logits, train_one_epoch
 from .preempt import StopSignals
 from .recipes import recipe_for
@@ -367,6 +367,29 @@ def _start_run_dir(run_dir: Path, config: TrainConfig, bundle: DatasetBundle, ov
     except CnnlabError as exc:
         return str(exc)
     return None
+
+
+def auto_resume(config: TrainConfig) -> tuple[Path | None, bool]:
+    """What `--resume auto` does with config.out: (the run directory to resume, None) when it holds
+    a checkpoint (or a finished run) of this very configuration, settings of the machine aside;
+    (None, overwrite) to start a new run there (overwrite: a run of this configuration that stopped
+    before its first checkpoint). A run of another configuration is refused in one sentence. Every
+    process of a distributed run decides alike: the files only change once all have joined."""
+    if not config.out:
+        raise CnnlabError("--resume auto needs --out RUN_DIR: the run directory to continue, or to start in.")
+    run = RunDir(config.out)
+    if not run.has_config():
+        return None, False
+    recorded = make_config(**load_yaml(run / run.CONFIG)).to_dict()
+    wanted = dataclasses.replace(config, model=recorded_name(config.model)).to_dict()
+    differ = [key for key in wanted if key not in (*MACHINE_SETTINGS, "out") and wanted[key] != recorded.get(key)]
+    if differ:
+        flags = ", ".join("--" + key.replace("_", "-") for key in differ[:4]) + (", ..." if len(differ) > 4 else "")
+        raise CnnlabError(f"{config.out} holds a run of another configuration (it differs in {flags}); "
+                          f"continue it with `cnnlab train --resume {config.out}`, or choose another --out.")
+    if run.is_finished() or run.has_checkpoint():
+        return run.path, False
+    return None, True
 
 
 def _resume_state(run_dir: Path, overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
