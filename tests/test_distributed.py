@@ -209,6 +209,36 @@ def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint_and_resume_co
 
 
 @needs_fmnist
+def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """torchrun --max-restarts with --resume auto: when a process is killed, the restarted processes
+    continue from the run's last checkpoint (not from scratch) and end with an uninterrupted run's
+    weights; each attempt joins through its own store prefix, so the restart connects."""
+    reference = cnnlab.train(**LONG, out=str(tmp_path / "reference"))
+    run = tmp_path / "run"
+    launcher = subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "2",
+                                 "--monitor-interval", "0.5", "-m", "cnnlab", "train", *flags(LONG),
+                                 "--dist-timeout", "30", "--out", str(run), "--resume", "auto"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.monotonic() + 120
+    while not (run / RunDir.CHECKPOINT).is_file():
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    pid = _rank_pid(launcher, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    try:
+        out, err = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        pytest.fail("the restarted job hung")
+    assert launcher.returncode == 0, err[-3000:]
+    assert f"resuming {run} at epoch" in out
+    assert max_weight_difference(reference, run) < 1e-4
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@needs_fmnist
 def test_a_hung_process_times_out_with_a_clear_error(tmp_path: Path) -> None:
     """A process alive but silent (stopped): the others give up after --dist-timeout with one
     clear line. (torchrun then allows a stopped process 30 s to act on SIGTERM before it kills

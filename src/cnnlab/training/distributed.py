@@ -68,8 +68,14 @@ def setup(device: torch.device, timeout_s: float) -> tuple[Context, torch.device
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                    device_id=device if device.type == "cuda" else None)
+            timeout = timedelta(seconds=timeout_s)
+            # torchrun's store outlives a restart (--max-restarts): keys of the attempt before would
+            # meet this one's (gloo then fails to connect, or hangs), so each attempt has its own prefix
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            store.set_timeout(timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"cnnlab/attempt{attempt}", store), rank=rank,
+                                    world_size=world, timeout=timeout, device_id=device if device.type == "cuda" else None)
         except (RuntimeError, ValueError) as exc:
             raise CnnlabError(f"Cannot join the distributed job ({_first(exc)}); check the torchrun "
                               "rendezvous settings.") from None
