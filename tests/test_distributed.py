@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -80,6 +81,40 @@ def test_torchrun_two_processes_train_what_one_process_trains(tmp_path: Path) ->
     assert summary["test_accuracy"] == pytest.approx(
         json.loads((single / "summary.json").read_text())["test_accuracy"], abs=2e-4)
     assert cnnlab.Classifier.load(out).class_names[0] == "T-shirt/top"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@needs_fmnist
+def test_two_nodes_train_what_one_process_trains(tmp_path: Path) -> None:
+    """Two torchrun launchers, as two machines would run them (--nnodes 2, c10d rendezvous at one
+    node's address), each with one process, train one run together: rank 0's node writes it, and it
+    holds one process's weights, as the single-node runs do."""
+    single = cnnlab.train(**EXACT, out=str(tmp_path / "single"))
+    out = tmp_path / "two-nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", endpoint, "--rdzv-id", "cnnlab-test", "-m", "cnnlab", "train",
+                               *flags(EXACT), "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+             for _ in range(2)]
+    try:
+        results = [(node.communicate(timeout=300), node.returncode) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for (_, err), code in results:
+        assert code == 0, err[-3000:]
+    stdout = "".join(out_text for (out_text, _), _ in results)
+    assert stdout.count("training lenet5") == 1 and "2 processes" in stdout  # rank 0 alone prints
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert max_weight_difference(single, out) < 1e-4
 
 
 @needs_fmnist
