@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", help="comma-separated `cnnlab serve --engine` values to compare side by side, "
                    "e.g. torch,onnxruntime (default: the server's own choice)")
     p.add_argument("--rounds", type=int, default=1, help="times each engine runs, interleaved (default: 1)")
+    p = sub.add_parser("allreduce", help="gradient bytes per step, their all-reduce over gloo on loopback, one "
+                       "process's compute per step, and the projected step time on N nodes")
+    p.add_argument("--recipes", default="fast,cifar")
+    p.add_argument("--steps", type=int, default=30)
     p = sub.add_parser("engines", help="cnnlab serve's engines (torch, onnxruntime) in-process: ms per batch")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--batches", default="1,8,16,64", help="comma-separated batch sizes")
@@ -365,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
             bench_overload(ns.run_dir, ns.clients, ns.max_queue, ns.seconds)
         else:
             bench_predict(ns.run_dir, ns.images, ns.batch_size)
+        return 0
+    if ns.command == "allreduce":
+        from benchmarks.allreduce import run as run_allreduce
+
+        print(f"machine: {machine()}", flush=True)
+        run_allreduce(ns.recipes.split(","), ns.steps)
         return 0
     if ns.command == "own-data":
         from benchmarks.own_data import run as run_own_data
