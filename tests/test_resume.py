@@ -133,9 +133,9 @@ def test_checkpoint_every_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     written = []
     original = RunDir.write_checkpoint
 
-    def noting(self, checkpoint):
+    def noting(self, checkpoint, **kw):
         written.append((checkpoint["epochs_done"], checkpoint["step"]))
-        return original(self, checkpoint)
+        return original(self, checkpoint, **kw)
 
     monkeypatch.setattr(RunDir, "write_checkpoint", noting)
     cnnlab.train(dataset="fashion-mnist", limit_train=1024, batch_size=256, epochs=2, model="lenet5", threads=1,
@@ -161,6 +161,22 @@ def test_resume_auto_lets_a_scheduler_rerun_the_same_command(uninterrupted: Path
     assert_same_run(uninterrupted, run)
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0 and "nothing to do" in finished.stdout
+
+
+@needs_fmnist
+def test_keep_checkpoints_keeps_the_last_k(tmp_path: Path) -> None:
+    run = cnnlab.train(dataset="fashion-mnist", limit_train=1024, batch_size=256, epochs=3, model="lenet5", threads=1,
+                       checkpoint_every_steps=1, keep_checkpoints=3, progress=False, out=str(tmp_path / "run"))
+    kept = sorted(p.name for p in (run / RunDir.CHECKPOINTS).iterdir())
+    # 3 batches per epoch, a checkpoint after each: the last three of the nine
+    assert kept == ["checkpoint-e0002-b000001.pt", "checkpoint-e0002-b000002.pt", "checkpoint-e0003-b000000.pt"]
+    assert (run / RunDir.CHECKPOINTS / kept[-1]).read_bytes() == (run / RunDir.CHECKPOINT).read_bytes()
+    for name in kept:  # each a whole checkpoint, loadable without unpickling code
+        state = torch.load(run / RunDir.CHECKPOINTS / name, map_location="cpu", weights_only=True)
+        assert f"checkpoint-e{state['epochs_done']:04d}-b{state['step']:06d}.pt" == name
+    alone = cnnlab.train(dataset="fashion-mnist", limit_train=1024, batch_size=256, epochs=1, model="lenet5",
+                         threads=1, progress=False, out=str(tmp_path / "alone"))
+    assert not (alone / RunDir.CHECKPOINTS).exists()  # the default keeps checkpoint.pt alone
 
 
 @needs_fmnist

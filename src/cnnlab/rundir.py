@@ -41,9 +41,10 @@ class RunDir:
     EXPLAIN = "explain"
     BEST = "best.safetensors"  # the best epoch's weights so far, while training keeps the best
     TEST_DATA = "test-data"  # the test split of data given from Python, as a prepared directory
+    CHECKPOINTS = "checkpoints"  # the last --keep-checkpoints checkpoints, checkpoint.pt's included
     # everything a run directory may hold: what --overwrite removes
     ALL = (CONFIG, METRICS, CHECKPOINT, WEIGHTS, CARD, SUMMARY, SKIPPED, EVAL, REPORT, REPORT_FIGURES, ONNX,
-           TORCHSCRIPT, TENSORBOARD, EXPLAIN, BEST, TEST_DATA)
+           TORCHSCRIPT, TENSORBOARD, EXPLAIN, BEST, TEST_DATA, CHECKPOINTS)
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -139,7 +140,10 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self / self.CHECKPOINT).is_file()
 
-    def write_checkpoint(self, state: dict[str, Any]) -> None:
+    def write_checkpoint(self, state: dict[str, Any], keep: int = 1) -> None:
+        """Replace checkpoint.pt atomically. keep > 1: also keep it as checkpoints/checkpoint-eE-bB.pt
+        (E epochs and B batches of the next done; a hard link where the file system allows), and
+        remove the oldest there beyond `keep`, once the new one is in place."""
         import torch
 
         def write(tmp: Path) -> None:
@@ -148,6 +152,20 @@ class RunDir:
             except RuntimeError as exc:  # torch's file writer reports a full disk this way
                 raise OSError(str(exc).splitlines()[0]) from None
         atomic_write(self / self.CHECKPOINT, write)
+        if keep > 1:
+            folder = self / self.CHECKPOINTS
+            folder.mkdir(exist_ok=True)
+            kept = folder / f"checkpoint-e{state['epochs_done']:04d}-b{state['step']:06d}.pt"
+
+            def link(tmp: Path) -> None:
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(self / self.CHECKPOINT, tmp)
+                except OSError:  # no hard links here: a copy
+                    tmp.write_bytes((self / self.CHECKPOINT).read_bytes())
+            atomic_write(kept, link)
+            for old in sorted(folder.glob("checkpoint-e*-b*.pt"))[:-keep]:
+                old.unlink(missing_ok=True)
 
     def read_checkpoint(self) -> dict[str, Any]:
         """The training state, without unpickling arbitrary objects (weights_only=True)."""

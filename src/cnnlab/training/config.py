@@ -40,7 +40,10 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, metava
     return field(default=default, metadata=metadata, **kw)
 
 
-MACHINE_SETTINGS = ("progress", "threads", "dist_timeout")  # of the machine, not of the run: --resume takes them
+# Settings of the machine and of checkpointing, not of what the run computes: --resume takes them,
+# and --resume auto does not compare them
+MACHINE_SETTINGS = ("progress", "threads", "dist_timeout", "checkpoint_every_steps", "checkpoint_every_seconds",
+                    "keep_checkpoints")
 
 
 @dataclass
@@ -117,6 +120,8 @@ class TrainConfig:
     progress: bool = _opt(True, "show a progress bar per epoch")
     eval_test: bool = _opt(False, "also measure test accuracy after every epoch (for benchmarks; not timed)")
     checkpoint_every_steps: int = _opt(0, "also save the training state every N batches, mid-epoch (0 = once per epoch)")
+    keep_checkpoints: int = _opt(1, "checkpoints to keep: with K > 1, the last K also in RUN_DIR/checkpoints/, "
+                                      "to go back to (1 = checkpoint.pt alone)")
     checkpoint_every_seconds: float = _opt(0.0, "also save the training state every S seconds, mid-epoch: the most "
                                            "a SIGKILL can lose (0 = off)")
     tensorboard: bool = _opt(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)")
@@ -135,6 +140,7 @@ class TrainConfig:
         for name in ("checkpoint_every_steps", "translate_off_epochs", "low_res_epochs", "min_steps",
                      "early_stop", "whiten_bias_epochs", "lookahead_every"):
             self._require(name, getattr(self, name) >= 0, "must not be negative")
+        self._require("keep_checkpoints", self.keep_checkpoints >= 1, "must be at least 1")
         self._require("val_split", 0 <= self.val_split < 1, "must be in [0, 1)")
         self._require("lr", self.lr > 0, "must be positive")
         self._require("bias_lr_scale", self.bias_lr_scale > 0, "must be positive")

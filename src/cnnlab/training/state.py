@@ -63,7 +63,7 @@ class TrainingState:
         checkpoint.update({key: values[0] if not ctx.active else list(values)
                            for key, values in zip(_PER_PROCESS, zip(*per_process))})
         checkpoint["world"] = ctx.world
-        run.write_checkpoint(checkpoint)
+        run.write_checkpoint(checkpoint, keep=setup.config.keep_checkpoints)
 
     @classmethod
     def restore(cls, checkpoint: dict[str, Any], setup: TrainingSetup, run: RunDir) -> "TrainingState":
