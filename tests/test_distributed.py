@@ -176,6 +176,11 @@ def _start_and_wait_for_checkpoint(run: Path, settings: dict, timeout_s: float) 
     launcher = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--nproc", "2", *flags(settings),
                                  "--dist-timeout", str(timeout_s), "--out", str(run)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    return _wait_for_checkpoint(launcher, run)
+
+
+def _wait_for_checkpoint(launcher: subprocess.Popen, run: Path) -> subprocess.Popen:
+    """The launcher, once the run has its first checkpoint (the test fails if it exits first)."""
     deadline = time.monotonic() + 120
     while not (run / RunDir.CHECKPOINT).is_file():
         assert launcher.poll() is None, launcher.communicate()[1][-3000:]
@@ -254,11 +259,7 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path: Path) -> No
                                  "--monitor-interval", "0.5", "-m", "cnnlab", "train", *flags(LONG),
                                  "--dist-timeout", "30", "--out", str(run), "--resume", "auto"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    deadline = time.monotonic() + 120
-    while not (run / RunDir.CHECKPOINT).is_file():
-        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
+    _wait_for_checkpoint(launcher, run)
     pid = _rank_pid(launcher, 1)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
