@@ -249,6 +249,35 @@ def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint_and_resume_co
 
 
 @needs_fmnist
+def test_sigkill_of_the_launcher_ends_its_processes_with_a_checkpoint(tmp_path: Path) -> None:
+    """`kill -9` of `cnnlab train --nproc 2` cannot be passed on by the launcher; its processes
+    still stop (the parent-death signal), at one step with a checkpoint, instead of training on
+    orphaned. Long enough (60 epochs) that processes left running would outlive the wait."""
+    run = tmp_path / "run"
+    launcher = _start_and_wait_for_checkpoint(run, {**LONG, "epochs": 60}, timeout_s=30)
+    workers = [_rank_pid(launcher, rank) for rank in (0, 1)]
+    assert None not in workers
+    launcher.kill()
+    launcher.communicate()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+        if time.monotonic() > deadline:
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail("the training processes kept running after their launcher was killed")
+        time.sleep(0.1)
+    state = RunDir(run).read_checkpoint()  # they stopped at one step and checkpointed it
+    assert state["world"] == 2 and not (run / "summary.json").exists()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+@needs_fmnist
 def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path: Path) -> None:
     """torchrun --max-restarts with --resume auto: when a process is killed, the restarted processes
     continue from the run's last checkpoint (not from scratch) and end with an uninterrupted run's

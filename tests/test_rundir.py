@@ -77,3 +77,22 @@ def test_a_damaged_card_names_what_is_wrong(change, message):
     data = {**card().with_weights("0" * 64).to_json(), **change}
     with pytest.raises(CnnlabError, match=message):
         ModelCard.from_json(data, "model.json")
+
+
+def test_new_weights_remove_the_files_made_from_the_old_ones(tmp_path: Path):
+    """eval, reports (of any dataset), exports and explain/ belong to the weights they came from."""
+    run = RunDir(tmp_path / "run")
+    run.write_model({"w": torch.zeros(3)}, card())
+    derived = [run.eval_path(), run.eval_path("folder:/data/photos"), run.report_path(), run.report_path("mnist"),
+               run / RunDir.ONNX, run / RunDir.TORCHSCRIPT]
+    for path in derived:
+        path.write_text("made from the first weights")
+    (run.report_figures() / "confusion.png").parent.mkdir()
+    (run.report_figures() / "confusion.png").write_bytes(b"png")
+    assert run.eval_path("folder:/data/photos").name == "eval-folder-photos.json"
+    assert run.report_path("mnist").name == "report-mnist.html"
+    run.write_model({"w": torch.zeros(3)}, card())  # the same weights again: nothing is stale
+    assert all(path.exists() for path in derived)
+    run.write_model({"w": torch.ones(3)}, card())
+    assert not any(path.exists() for path in derived) and not run.report_figures().exists()
+    assert sorted(p.name for p in run.path.iterdir()) == [RunDir.CARD, RunDir.WEIGHTS]

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -143,16 +144,20 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
-    from .evaluation.evaluate import evaluate_run
+    from .evaluation.evaluate import score_split
     from .evaluation.metrics import format_report
+    from .models.classifier import Classifier
 
     if ns.min_accuracy is not None and not 0 <= ns.min_accuracy <= 1:
         raise CnnlabError(f"--min-accuracy is a fraction in [0, 1], got {ns.min_accuracy}.")
-    report = evaluate_run(ns.run_dir, dataset=ns.dataset, split=ns.split, batch_size=ns.batch_size,
-                          device=ns.device, progress=not ns.no_progress)
+    scored = score_split(Path(ns.run_dir), Classifier.load(ns.run_dir, device=ns.device), dataset=ns.dataset,
+                         split=ns.split, batch_size=ns.batch_size, progress=not ns.no_progress)
+    report = scored.report
+    if scored.note:
+        print(f"note: {scored.note}")
     print(f"{report['dataset']} ({report['split']} split)")
     print(format_report(report, [row["class"] for row in report["per_class"]]))
-    print(f"wrote {ns.run_dir}/eval.json")
+    print(f"wrote {scored.path}")
     if ns.min_accuracy is not None and report["accuracy"] < ns.min_accuracy:
         print(f"FAILED: accuracy {report['accuracy']:.4f} is below the required {ns.min_accuracy:.4f}", file=sys.stderr)
         return EXIT_BELOW_GATE
@@ -292,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="test a trained model: accuracy, per-class metrics, confusion matrix")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--dataset", help="dataset to test on (default: the one it was trained on)")
+    p.add_argument("--dataset", help="dataset to test on (default: the one it was trained on); its classes are "
+                   "matched to the model's by name, and its results go to eval-<dataset>.json")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--min-accuracy", type=float, metavar="X", help="exit with status 3 if top-1 accuracy is below X")
     p.add_argument("--batch-size", type=int, default=1024)
@@ -381,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, confusion, calibration, top losses, Grad-CAM")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--dataset", help="dataset to test on (default: the one it was trained on)")
+    p.add_argument("--dataset", help="dataset to test on (default: the one it was trained on); its classes are "
+                   "matched to the model's by name, and the page goes to report-<dataset>.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_report)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +78,7 @@ class RunDir:
     def clear(self) -> None:
         """Remove every file a run writes (for --overwrite): nothing stale, such as an old eval.json
         or model.onnx, outlives the run it belonged to."""
-        import shutil
-
-        for name in self.ALL:
-            path = self / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+        _remove([self / name for name in self.ALL] + self.derived_files())
 
     # ------------------------------------------------------------ settings and progress
 
@@ -187,6 +181,8 @@ class RunDir:
         weights = self / self.WEIGHTS
         atomic_write(weights, lambda tmp: save_file(tensors, str(tmp)))
         card = card.with_weights(sha256_file(weights))
+        if self.recorded_weights() not in (None, card.weights_sha256):
+            self.remove_derived()  # made from the weights this replaces: remade on demand, never served
         card.write(self / self.CARD)
         return card
 
@@ -221,6 +217,22 @@ class RunDir:
             raise CnnlabError(f"{self} holds no {self.CARD}; is it a finished cnnlab run directory?")
         return ModelCard.read(path)
 
+    def recorded_weights(self) -> str | None:
+        """The weights' sha256 model.json records, or None without a readable model.json."""
+        try:
+            sha = json.loads((self / self.CARD).read_text()).get("weights_sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return sha if isinstance(sha, str) else None
+
+    def check_derived(self, path: Path, weights_sha256: str, remake: str) -> None:
+        """Refuse a file made from other weights than this run's (a model.onnx exported before the
+        run was trained again): `remake` is the command that makes it anew."""
+        recorded = self.recorded_weights()
+        if recorded is not None and recorded != weights_sha256:
+            raise CnnlabError(f"{path.name} was exported from other weights than {self.path / self.CARD}'s; "
+                              f"run `{remake}` again.")
+
     def read_weights(self, card: ModelCard) -> dict[str, Any]:
         """The state dict from model.safetensors, after checking its sha256 against the card."""
         from safetensors.torch import load_file
@@ -251,8 +263,54 @@ class RunDir:
             return {}
         return summary if isinstance(summary, dict) else {}
 
-    def write_eval(self, report: dict[str, Any]) -> None:
-        write_json(self / self.EVAL, report)
+    def write_eval(self, report: dict[str, Any], other: str | None = None) -> Path:
+        """eval.json, or eval-<dataset>.json for `other`, a dataset the run was not trained on."""
+        path = self.eval_path(other)
+        write_json(path, report)
+        return path
+
+    def eval_path(self, other: str | None = None) -> Path:
+        return self / _for_dataset(self.EVAL, other)
+
+    def report_path(self, other: str | None = None) -> Path:
+        return self / _for_dataset(self.REPORT, other)
+
+    def report_figures(self, other: str | None = None) -> Path:
+        return self / _for_dataset(self.REPORT_FIGURES, other)
+
+    def derived_files(self) -> list[Path]:
+        """The files later commands made from the weights (eval, reports, exports, explain/), those
+        of other datasets included."""
+        names = [self.EVAL, self.REPORT, self.REPORT_FIGURES, self.ONNX, self.TORCHSCRIPT, self.EXPLAIN]
+        patterns = [_for_dataset(name, "*") for name in (self.EVAL, self.REPORT, self.REPORT_FIGURES)]
+        found = [self / name for name in names if (self / name).exists()]
+        return found + sorted({p for pattern in patterns for p in self.path.glob(pattern)})
+
+    def remove_derived(self) -> None:
+        _remove([*self.derived_files()])
+
+
+def _for_dataset(name: str, other: str | None) -> str:
+    """A result file's name for a dataset other than the run's: eval.json -> eval-<slug>.json, where
+    the slug is the dataset's name with a folder reduced to its last part (folder:/x/photos -> folder-photos)."""
+    if other is None:
+        return name
+    if other != "*":
+        if other.startswith("folder:"):
+            other = "folder-" + (Path(other[7:]).expanduser().resolve().name or "root")
+        other = re.sub(r"[^A-Za-z0-9._-]+", "-", other).strip("-.") or "dataset"
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-{other}{dot}{suffix}"
+
+
+def _remove(paths: list[Path]) -> None:
+    import shutil
+
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def _separate(state: dict[str, Any]) -> dict[str, Any]:

@@ -66,7 +66,10 @@ class OnnxClassifier:
         except Exception as exc:  # onnxruntime raises its own types for malformed files
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise CnnlabError(f"{path} is not a valid ONNX model ({type(exc).__name__}: {first}).") from None
-        return cls(session, ModelCard.from_properties(session.get_modelmeta().custom_metadata_map, str(path)))
+        card = ModelCard.from_properties(session.get_modelmeta().custom_metadata_map, str(path))
+        # in a run directory, the file must come from the run's current weights, not a run trained over it
+        RunDir(path.parent).check_derived(path, card.weights_sha256, f"cnnlab export {path.parent}")
+        return cls(session, card)
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, C, H, W) of any size and channel count -> the normalised float32 input of the model

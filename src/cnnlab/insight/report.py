@@ -59,10 +59,11 @@ def build_report(run_dir: str | Path, dataset: str | None = None, progress: bool
     classifier = Classifier.load(run_dir)
     results = score_split(run_dir, classifier, dataset=dataset, batch_size=EVAL_BATCH, progress=progress)
     sections = make_sections(history, classifier, results, progress)
-    folder = run_dir / RunDir.REPORT_FIGURES
+    run = RunDir(run_dir)
+    folder = run.report_figures(results.other)  # report/, or report-<dataset>/ for another dataset
     for section in sections:
         atomic_write(folder / f"{section.slug}.png", lambda tmp, png=section.png: tmp.write_bytes(png))
-    path = run_dir / RunDir.REPORT
+    path = run.report_path(results.other)
     write_text(path, render_page(run_dir, history, classifier, results, sections))
     return path
 
@@ -297,6 +298,7 @@ def header_facts(run_dir: Path, history: list[dict[str, Any]], classifier: Class
         ("epochs", str(summary.get("epochs", len(history))), "epochs"),
         ("training time", format_duration(float(seconds)) if seconds is not None else "?", "training-time"),
         ("test-time augmentation", classifier.tta, "tta"),
+        ("weights (sha256)", card.weights_sha256[:16], "weights-sha256"),
     ]
 
 
@@ -309,11 +311,13 @@ def render_page(run_dir: Path, history: list[dict[str, Any]], classifier: Classi
     title = f"cnnlab report: {run_dir.resolve().name}"
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<meta name='cnnlab-weights-sha256' content='{classifier.card.weights_sha256}'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p class='run'>{html.escape(str(run_dir))}</p>"
             f"<dl class='facts'>{facts}</dl>{body}"
-            f"<footer>Written by cnnlab {__version__} on {stamp}; the test figures are also in eval.json "
-            f"and the images in {RunDir.REPORT_FIGURES}/.</footer></body></html>\n")
+            f"<footer>Written by cnnlab {__version__} on {stamp}; the test figures are also in "
+            f"{results.path.name} and the images in {RunDir(run_dir).report_figures(results.other).name}/."
+            f"</footer></body></html>\n")
 
 
 def _render_section(section: Section) -> str:

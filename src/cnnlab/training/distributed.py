@@ -28,6 +28,7 @@ DEFAULT_TIMEOUT_S = 300  # a collective waiting longer than this means a process
 # After passing a SIGTERM on to the processes, how long --nproc's launcher lets them write their
 # checkpoint before it kills them: the grace period SLURM and Kubernetes give by default
 SHUTDOWN_TIMEOUT_S = 30
+LAUNCHER_PID = "CNNLAB_LAUNCHER_PID"  # set by --nproc's launcher for the processes it starts
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def setup(device: torch.device, timeout_s: float) -> tuple[Context, torch.device
     process takes the device of its local rank. Outside torchrun: (SINGLE, device)."""
     if not launched():
         return SINGLE, device
+    end_with_launcher()
     if dist.is_initialized():  # e.g. a second train() in one distributed process
         ctx = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     else:
@@ -82,6 +84,22 @@ def setup(device: torch.device, timeout_s: float) -> tuple[Context, torch.device
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     return ctx, device
+
+
+def end_with_launcher() -> None:
+    """Have this process end when the launcher that started it dies, even by SIGKILL, which it cannot
+    pass on: Linux's parent-death signal delivers SIGTERM, so the processes write a checkpoint and
+    stop as on preemption, instead of training on, orphaned, in the background."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # from <sys/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher and os.getppid() != int(launcher):  # it died before the signal was armed
+        raise CnnlabError("The `cnnlab train --nproc` process that started this one has stopped; so does this one.")
 
 
 def teardown() -> None:
@@ -179,6 +197,7 @@ def launch(nproc: int, argv: Sequence[str], timeout_s: float) -> int:
         raise InvalidSetting("nproc", f"must be at least 1, got {nproc}.")
     # torchrun would set one thread per process; share the cores out instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the processes end with this one (end_with_launcher)
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its reports are replaced by ours (some set their own level)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
