@@ -236,8 +236,12 @@ def _key(k: Any) -> str:
 
 def make_config(config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults, then the recipe's settings, then the YAML file, then keyword overrides; validated."""
-    given = load_yaml(config_file) if config_file is not None else {}
-    given.update({_key(k): coerce(_key(k), v) for k, v in overrides.items()})
+    from_file = load_yaml(config_file) if config_file is not None else {}
+    flags = {_key(k): coerce(_key(k), v) for k, v in overrides.items()}
+    given = {**from_file, **flags}
+    if "optimizer" in flags and "lr" not in flags and flags["optimizer"] != from_file.get("optimizer",
+                                                                                      TrainConfig.optimizer):
+        given.pop("lr", None)  # the file's rate was its optimizer's: another one gets its own default
     if "recipe" not in given and "model" not in given:
         given["recipe"] = default_recipe(given.get("dataset", TrainConfig.dataset))
     settings = dict(get_recipe(given.get("recipe", TrainConfig.recipe)).settings)
