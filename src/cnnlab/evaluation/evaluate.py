@@ -27,7 +27,7 @@ class ScoredSplit:
     labels: torch.Tensor
     logits: torch.Tensor  # float32 (N, classes), with the model's test-time augmentation
     report: dict[str, Any]  # the contents of eval.json
-    path: Path  # where it was written: eval.json, or eval-<dataset>.json for another dataset
+    path: Path | None = None  # where it was written: eval.json, or eval-<dataset>.json for another dataset
     other: str | None = None  # the dataset, when it is not the one the run was trained on
     note: str | None = None  # how its classes were matched to the model's, when not one to one
 

@@ -316,7 +316,7 @@ def render_page(run_dir: Path, history: list[dict[str, Any]], classifier: Classi
             f"<h1>{html.escape(title)}</h1><p class='run'>{html.escape(str(run_dir))}</p>"
             f"<dl class='facts'>{facts}</dl>{body}"
             f"<footer>Written by cnnlab {__version__} on {stamp}; the test figures are also in "
-            f"{results.path.name} and the images in {RunDir(run_dir).report_figures(results.other).name}/."
+            f"{results.path.name if results.path else RunDir.EVAL} and the images in {RunDir(run_dir).report_figures(results.other).name}/."
             f"</footer></body></html>\n")
 
 
