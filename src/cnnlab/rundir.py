@@ -3,7 +3,9 @@
 What training leaves: config.yaml (the resolved settings), metrics.jsonl (one record per epoch),
 checkpoint.pt (the training state), model.safetensors + model.json (weights and model card, never
 a pickle), summary.json, skipped.txt (files a folder dataset could not read). What later
-commands add: eval.json, report.html with report/, model.onnx, model.torchscript.pt, explain/.
+commands add: eval.json, report.html with report/ (eval-<dataset>.json, report-<dataset>.html
+for another dataset), model.onnx, model.torchscript.pt, explain/: derived from the weights, and
+removed when new weights are written.
 Every file is written atomically with the usual permissions (files.atomic_write).
 
 Importing this module needs neither PyTorch nor safetensors (the ONNX runtime uses it); the
@@ -287,7 +289,7 @@ class RunDir:
         return found + sorted({p for pattern in patterns for p in self.path.glob(pattern)})
 
     def remove_derived(self) -> None:
-        _remove([*self.derived_files()])
+        _remove(self.derived_files())
 
 
 def _for_dataset(name: str, other: str | None) -> str:
