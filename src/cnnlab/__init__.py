@@ -16,6 +16,7 @@ _EXPORTS = {
     "list_datasets": "data.builtin", "load_dataset": "data.load", "train": "training.trainer",
     "save_run": "training.save",
     "evaluate_run": "evaluation.evaluate", "export_model": "deploy.export", "OnnxClassifier": "deploy.onnx_runtime",
+    "build_report": "insight.report", "show_dataset": "insight.preview",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
