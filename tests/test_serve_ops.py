@@ -208,7 +208,7 @@ def test_sigterm_answers_requests_in_progress_then_exits_0(fmnist_run, fmnist_te
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "stopped on SIGTERM after answering 1 request" in log.read_text()
+    assert "stopped on SIGTERM after answering 1 classification request" in log.read_text()
 
 
 def test_device_flag(fmnist_run):

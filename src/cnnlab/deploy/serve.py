@@ -299,8 +299,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, access
         signal.signal(signal.SIGTERM, previous)
     if stopped:
         stats = service.stats()
-        print(f"cnnlab: stopped on SIGTERM after answering {stats.requests:,} request{'' if stats.requests == 1 else 's'}",
-              flush=True)
+        print(f"cnnlab: stopped on SIGTERM after answering {stats.requests:,} classification "
+              f"request{'' if stats.requests == 1 else 's'}", flush=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
