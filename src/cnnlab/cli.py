@@ -185,10 +185,12 @@ def cmd_datasets(ns: argparse.Namespace) -> int:
                               "(the built-in datasets need no preparing).")
         done = prepare_folder(ns.name[len("folder:"):], image_size=ns.image_size, workers=ns.workers,
                               progress=not ns.no_progress)
-        counts = " / ".join(f"{n:,} {split}" for split, n in done.counts.items())
+        counts = (" / ".join(f"{n:,} {split}" for split, n in done.counts.items()) if done.folders else
+                  f"{sum(done.counts.values()):,}")  # a flat folder: training holds out its test split later
         rate = sum(done.counts.values()) / max(done.seconds, 1e-9)
         took = f"converted in {done.seconds:.1f} s ({rate:,.0f} images/s)" if done.converted else "already prepared"
-        folders = ", ".join(f"{split} <- {folder}" for split, folder in done.folders.items()) or "none (flat folder)"
+        folders = (", ".join(f"{split} <- {folder}" for split, folder in done.folders.items())
+                   or "none (flat folder: training holds out a stratified test split)")
         print(f"prepared folder:{done.root}: {counts} images, {done.image_size}x{done.image_size} "
               f"{'RGB' if done.channels == 3 else 'grayscale'} ({done.nbytes / 2**20:,.1f} MiB) in {done.cache}; "
               f"split folders: {folders}; {took}; {len(done.skipped):,} file{'' if len(done.skipped) == 1 else 's'} "
