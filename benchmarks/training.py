@@ -285,7 +285,8 @@ def ratios(results: list[dict], threshold: float = 0.915) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m benchmarks`'s flags (the docs test checks the commands in BENCHMARKS.md against them)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("recipes", help="time-to-accuracy of recipes vs the conventional baseline (the default)")
@@ -348,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--json", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     ns = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["recipes"]))
     if ns.command == "_baseline":
         run_baseline(ns.dataset, ns.epochs, ns.json)

@@ -6,10 +6,8 @@ when it is installed); $CNNLAB_CACHE and $CNNLAB_DATA always point into tmp_path
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,8 @@ from cnnlab.data.load import load_dataset
 from cnnlab.data.split import Split
 from cnnlab.errors import CnnlabError, DatasetNotFound
 from cnnlab.images.tensors import read_image
+from original_formats import (CIFAR10_CLASSES, WRITERS, py2_pickle, write_cifar10, write_cifar100, write_idx,
+                              write_mnist)
 
 
 @pytest.fixture(autouse=True)
@@ -37,32 +37,6 @@ def isolated_env(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- IDX (MNIST family)
-
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
-    """An IDX file exactly as in the MNIST distribution: 0 0 0x08 ndim, big-endian dims, bytes."""
-    assert array.dtype == np.uint8
-    magic = 0x00000800 | array.ndim  # 0x803 for images, 0x801 for labels
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    payload = header + array.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if gz:
-        path.with_name(path.name + ".gz").write_bytes(gzip.compress(payload))
-    else:
-        path.write_bytes(payload)
-
-
-def write_mnist(folder: Path, gz: bool, seed: int = 0, n_train: int = 50, n_test: int = 20):
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    for name, array in arrays.items():
-        write_idx(folder / name, array, gz)
-    return arrays
-
 
 def test_write_idx_header_matches_the_original_format(tmp_path):
     write_idx(tmp_path / "imgs", np.zeros((2, 28, 28), np.uint8), gz=False)
@@ -127,116 +101,6 @@ def test_truncated_idx_is_a_user_error(isolated_env):
 
 
 # --------------------------------------------------------------------------- CIFAR pickles
-
-def py2_pickle(obj) -> bytes:
-    """Pickle `obj` byte for byte the way Python 2's cPickle (protocol 2) wrote the CIFAR files.
-
-    `bytes` become Python 2 `str` (BINSTRING opcodes), uint8 arrays go through
-    numpy.core.multiarray._reconstruct with their data as a str, as numpy 1.x wrote them.
-    """
-    out = bytearray(b"\x80\x02")
-
-    def ser(o):
-        if isinstance(o, bool):
-            out.extend(b"\x88" if o else b"\x89")
-        elif o is None:
-            out.extend(b"N")
-        elif isinstance(o, int):
-            if 0 <= o < 256:
-                out.extend(b"K" + bytes([o]))
-            elif 0 <= o < 65536:
-                out.extend(b"M" + struct.pack("<H", o))
-            else:
-                out.extend(b"J" + struct.pack("<i", o))
-        elif isinstance(o, bytes):
-            out.extend((b"U" + bytes([len(o)]) if len(o) < 256 else b"T" + struct.pack("<i", len(o))) + o)
-        elif isinstance(o, tuple):
-            out.extend(b"(")
-            for x in o:
-                ser(x)
-            out.extend(b"t")
-        elif isinstance(o, list):
-            out.extend(b"](")
-            for x in o:
-                ser(x)
-            out.extend(b"e")
-        elif isinstance(o, dict):
-            out.extend(b"}(")
-            for k, v in o.items():
-                ser(k)
-                ser(v)
-            out.extend(b"u")
-        elif isinstance(o, np.ndarray):
-            assert o.dtype == np.uint8
-            out.extend(b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n")
-            ser((0,))
-            ser(b"b")
-            out.extend(b"tR(K\x01")
-            ser(tuple(o.shape))
-            out.extend(b"cnumpy\ndtype\n")
-            ser((b"u1", 0, 1))
-            out.extend(b"R")
-            ser((3, b"|", None, None, None, -1, -1, 0))
-            out.extend(b"b\x89")
-            ser(np.ascontiguousarray(o).tobytes())
-            out.extend(b"tb")
-        else:
-            raise TypeError(type(o))
-
-    ser(obj)
-    out.extend(b".")
-    return bytes(out)
-
-
-WRITERS = {
-    "py2-original": py2_pickle,  # what the real cifar-*-python.tar.gz files contain
-    "py3-protocol2": lambda obj: pickle.dumps(obj, protocol=2),  # a re-pickled copy
-}
-
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def cifar_images(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
-
-
-def write_cifar10(folder: Path, writer, per_batch: int = 10) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    batches = {}
-    for i in range(1, 6):
-        batches[f"data_batch_{i}"] = {
-            b"batch_label": f"training batch {i} of 5".encode(),
-            b"labels": [(j + i) % 10 for j in range(per_batch)],
-            b"data": cifar_images(per_batch, seed=i),
-            b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)],
-        }
-    batches["test_batch"] = {b"batch_label": b"testing batch 1 of 1", b"labels": [j % 10 for j in range(per_batch)],
-                             b"data": cifar_images(per_batch, seed=99),
-                             b"filenames": [f"test_{j}.png".encode() for j in range(per_batch)]}
-    batches["batches.meta"] = {b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in CIFAR10_CLASSES],
-                               b"num_vis": 3072}
-    for name, obj in batches.items():
-        (folder / name).write_bytes(writer(obj))
-    return batches
-
-
-def write_cifar100(folder: Path, writer, n: int = 30) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    fine = [f"fine{i:02d}" for i in range(100)]
-    coarse = [f"coarse{i:02d}" for i in range(20)]
-    files = {}
-    for name, seed in (("train", 1), ("test", 2)):
-        fine_labels = [(7 * j + seed) % 100 for j in range(n)]
-        files[name] = {b"filenames": [f"{name}_{j}.png".encode() for j in range(n)],
-                       b"batch_label": f"{name}ing batch 1 of 1".encode(),
-                       b"fine_labels": fine_labels, b"coarse_labels": [f // 5 for f in fine_labels],
-                       b"data": cifar_images(n, seed)}
-    files["meta"] = {b"fine_label_names": [s.encode() for s in fine],
-                     b"coarse_label_names": [s.encode() for s in coarse]}
-    for name, obj in files.items():
-        (folder / name).write_bytes(writer(obj))
-    return files
-
 
 @pytest.mark.parametrize("writer", WRITERS.values(), ids=WRITERS.keys())
 def test_cifar10_pickle_layout(isolated_env, writer):
