@@ -133,6 +133,18 @@ def test_nproc_shortcut_reaches_single_process_accuracy(fmnist_run: Path, tmp_pa
     assert cnnlab.evaluate_run(out, progress=False)["accuracy"] == pytest.approx(ddp_acc, abs=1e-6)
 
 
+@needs_fmnist
+def test_nproc_from_python_leaves_the_environment_as_it_was(tmp_path: Path) -> None:
+    """The launcher sets what its processes inherit (threads, its pid) only while they run: a later
+    torchrun started from the same Python process would otherwise take a dead launcher's pid."""
+    before = dict(os.environ)
+    assert main(["train", "--nproc", "2", "--limit-train", "256", "--epochs", "1", "--model-arg", "widths=[4,8,8]",
+                 "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "summary.json").is_file()
+    changed = {key for key in {*before, *os.environ} if before.get(key) != os.environ.get(key)}
+    assert changed <= {"TORCHINDUCTOR_CACHE_DIR"}, changed  # (torch's compiler names its cache on first use)
+
+
 def test_gradients_are_synchronised_after_one_step(tmp_path: Path) -> None:
     result = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", PROBE, str(tmp_path)],
                             capture_output=True, text=True, timeout=300, env=env())

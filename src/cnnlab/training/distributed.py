@@ -189,12 +189,21 @@ def peer_failure_message(run_dir: Any, exc: BaseException) -> str:
 def launch(nproc: int, argv: Sequence[str], timeout_s: float) -> int:
     """Run `python -m cnnlab train ARGV` in `nproc` local processes through torchrun's launcher;
     a process that fails ends the others and is reported in one line."""
+    if nproc < 1:
+        raise InvalidSetting("nproc", f"must be at least 1, got {nproc}.")
+    environ = dict(os.environ)  # what the processes inherit is set here, and undone after (launch from Python)
+    try:
+        return _launch(nproc, argv, timeout_s)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def _launch(nproc: int, argv: Sequence[str], timeout_s: float) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if nproc < 1:
-        raise InvalidSetting("nproc", f"must be at least 1, got {nproc}.")
     # torchrun would set one thread per process; share the cores out instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ[LAUNCHER_PID] = str(os.getpid())  # the processes end with this one (end_with_launcher)
