@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # --------------------------------------------------------------------------- IDX (MNIST family)
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:

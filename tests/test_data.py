@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from original_formats import CIFAR10_CLASSES, WRITERS, py2_pickle, write_cifar10, write_cifar100, write_idx, write_mnist
 from PIL import Image
 
 import cnnlab.data.folder
@@ -22,8 +23,6 @@ from cnnlab.data.load import load_dataset
 from cnnlab.data.split import Split
 from cnnlab.errors import CnnlabError, DatasetNotFound
 from cnnlab.images.tensors import read_image
-from original_formats import (CIFAR10_CLASSES, WRITERS, py2_pickle, write_cifar10, write_cifar100, write_idx,
-                              write_mnist)
 
 
 @pytest.fixture(autouse=True)

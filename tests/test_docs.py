@@ -1,139 +1,28 @@
-"""The docs test: every command and Python snippet of README.md and the tutorials runs, as marked
-(the convention and how each kind of line runs: tests/mddocs.py); BENCHMARKS.md's commands parse.
+"""The docs test for README.md: every command and Python snippet runs, as marked (the convention and
+how each kind of line runs: tests/mddocs.py; the world the docs assume: tests/docs_setup.py), and
+BENCHMARKS.md's commands parse. The tutorials have their own module (test_docs_tutorial.py), so that
+the two run on different xdist workers.
 
-One test per block, in file order; the blocks of one file share a workspace (the current folder
-of every command) and run in order, on one xdist worker (`--dist loadfile`). What the docs assume
-is there: Fashion-MNIST (the real one), tiny MNIST and CIFAR-10/100 in $CNNLAB_DATA, a fresh
-$CNNLAB_CACHE, and a few images of Fashion-MNIST's test split in the workspace (see `_images`).
+One test per block, in file order; the blocks of one file share a workspace and run in order.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Iterator
-
-import pytest
-import torch
-from PIL import Image
 
 import mddocs
-from cnnlab.data.builtin import DEBIAN_FASHION_MNIST, FASHION_CLASSES, read_idx
-from conftest import HAVE_FMNIST
-from original_formats import write_tiny_datasets
+import pytest
+from docs_setup import ROOT, data_folder, needs_fmnist, one_thread, params, run_in_workspace, workspace
 
-pytestmark = pytest.mark.skipif(not HAVE_FMNIST,
-                                reason="Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
-
-ROOT = Path(__file__).resolve().parent.parent
-RUN = ["README.md", "BENCHMARKS.md", "docs/tutorial.md"]  # the files whose blocks run (or are checked)
-TRANSLATIONS = {"docs/tutorial.zh-CN.md": "docs/tutorial.md"}  # translation -> original
+__all__ = ["data_folder", "one_thread", "workspace"]  # fixtures this module uses
+pytestmark = needs_fmnist
 
 
-def _blocks(doc: str) -> list[mddocs.Block]:
-    return [b for b in mddocs.parse(ROOT / doc, doc) if b.acted_on] if (ROOT / doc).is_file() else []
-
-
-def _params(docs: list[str]) -> list:
-    params = [pytest.param(block, id=block.id) for doc in docs for block in _blocks(doc)]
-    return params or [pytest.param(None, id="none", marks=pytest.mark.skip(reason=f"{', '.join(docs)}: not written"))]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One PyTorch thread here and in the commands started from here: `make test` runs two workers
-    on two cores, and with more threads than cores OpenMP's waiting threads starve each other (a
-    one-epoch training on a busy machine took 17 s with two threads, 0.2 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """$CNNLAB_DATA for every doc: tiny MNIST, CIFAR-10 and CIFAR-100 in their original formats."""
-    return write_tiny_datasets(tmp_path_factory.mktemp("docs-data"))
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
-    """doc -> (its workspace, its $CNNLAB_CACHE), made on the doc's first block."""
-    made: dict[str, tuple[Path, Path]] = {}
-
-    def get(doc: str) -> tuple[Path, Path]:
-        if doc not in made:
-            name = re.sub(r"\W", "-", doc)
-            made[doc] = (_images(tmp_path_factory.mktemp(name)), tmp_path_factory.mktemp(f"{name}-cache"))
-        return made[doc]
-
-    return get
-
-
-def _images(folder: Path) -> Path:
-    """Fashion-MNIST test images under the names the docs use: photos/<class>/ (40 images in each of
-    3 classes), shoe.png, shirt.png, bag.jpg, photo.png, one.png and more/*.jpg."""
-    images = read_idx(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte")
-    labels = read_idx(DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte").tolist()
-    by_class = {name: [images[i] for i, label in enumerate(labels) if label == c]
-                for c, name in enumerate(FASHION_CLASSES)}
-    for name in ("Sneaker", "Shirt", "Bag"):
-        (folder / "photos" / name.lower()).mkdir(parents=True)
-        for n, image in enumerate(by_class[name][:40]):
-            Image.fromarray(image).save(folder / "photos" / name.lower() / f"{n:03d}.png")
-    files = {"shoe.png": ("Sneaker", 100), "shirt.png": ("Shirt", 100), "bag.jpg": ("Bag", 100),
-             "photo.png": ("Ankle boot", 0), "one.png": ("Trouser", 0),
-             "more/dress.jpg": ("Dress", 0), "more/coat.jpg": ("Coat", 0), "more/sandal.jpg": ("Sandal", 0)}
-    (folder / "more").mkdir()
-    for path, (name, n) in files.items():
-        Image.fromarray(by_class[name][n]).save(folder / path)
-    return folder
-
-
-@pytest.mark.parametrize("block", _params(RUN))
+@pytest.mark.parametrize("block", params(["README.md", "BENCHMARKS.md"]))
 def test_block(block: mddocs.Block, workspace, data_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The block runs in its file's workspace (or is written, or its flags checked, or skipped)."""
-    if block.problem:
-        pytest.fail(block.problem, pytrace=False)
-    if (reason := block.get("skip")) is not None:
-        pytest.skip(reason)
-    cwd, cache = workspace(block.doc)
-    monkeypatch.setenv("CNNLAB_DATA", str(data_folder))
-    monkeypatch.setenv("CNNLAB_CACHE", str(cache))
-    monkeypatch.delenv("CNNLAB_API_KEY", raising=False)
-    mddocs.run_block(block, cwd)
-
-
-@pytest.mark.parametrize("block", _params(list(TRANSLATIONS)))
-def test_translated_block(block: mddocs.Block) -> None:
-    """A translation's blocks are its original's with only the comments translated: instead of
-    running them a second time, each is compared with the original's block at the same place
-    (comments and blank lines removed; directives equal, but for a skip's reason)."""
-    if block.problem:
-        pytest.fail(block.problem, pytrace=False)
-    original = _blocks(TRANSLATIONS[block.doc])
-    translated = _blocks(block.doc)
-    n = translated.index(block)
-    assert n < len(original), f"{block.id}: {TRANSLATIONS[block.doc]} has only {len(original)} such blocks"
-    expected = original[n]
-    assert (block.lang, _directives(block)) == (expected.lang, _directives(expected)), \
-        f"{block.id}: language or directives differ from {expected.id}"
-    assert mddocs.without_comments(block) == mddocs.without_comments(expected), \
-        f"{block.id}: the code differs from {expected.id} (only comments may be translated)"
-
-
-def _directives(block: mddocs.Block) -> list[tuple[str, str]]:
-    return [(name, "" if name == "skip" else arg) for name, arg in block.directives]
-
-
-@pytest.mark.parametrize("doc", list(TRANSLATIONS))
-def test_translation_has_every_block(doc: str) -> None:
-    """As many blocks as the original (test_translated_block compares them one by one)."""
-    if not (ROOT / doc).is_file():
-        pytest.skip(f"{doc}: not written")
-    assert len(_blocks(doc)) == len(_blocks(TRANSLATIONS[doc])), f"{doc} and {TRANSLATIONS[doc]}: block counts differ"
+    run_in_workspace(block, workspace, data_folder, monkeypatch)
 
 
 def test_benchmark_commands_in_the_readme_parse() -> None:
