@@ -23,9 +23,14 @@ demo: install data
 # much of its time starting Python and torch in subprocesses, which overlap well on 2 cores
 # (about 11 minutes there, against about 17 in one process).
 TEST_WORKERS ?= 2
+# PyTorch threads per worker (and per process a test starts): the cores shared out. With more
+# threads than cores, OpenMP's waiting threads take turns with the work: 2 workers of 2 threads
+# on 2 cores took 212.6 s for test_train, test_own_data and test_resume, of 1 thread 184.3 s.
+TEST_THREADS ?= $(shell n=$$(( $$(nproc) / $(TEST_WORKERS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
 test: install data browser
-	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=$(TEST_THREADS) PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 \
+		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The wheel in a clean virtualenv without extras: train/evaluate/predict work, serve/export/report
 # name their extra (.ci/wheel-check; CI runs it after the tests).
